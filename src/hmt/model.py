@@ -1,0 +1,387 @@
+"""HMT: a three-level memory (sensory, short-term, long-term) around any causal LM.
+
+One segment n, as in ``HMT_SPEC.md`` (L new tokens H_n with embeddings E_n):
+
+1. S_n = backbone([T | E_n[0:j) | T]) at the trailing T       (representation encoding)
+2. P_n = softmax(S_n W_q (M W_k)^T / sqrt(d_h)) M              (memory search over the cache M)
+3. h   = backbone([P_n | sensory | E_n | P_n]), positions 0..   (augmented segment)
+4. logits = lm_head(h[segment positions])                      (aligned with input_ids)
+5. m_n = h[trailing P_n]; push onto the cache, FIFO at N       (memory write)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from . import backbone as bb
+from .config import HMTConfig
+from .layout import gather_rows, pack_rows, run_packed
+from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class HMTOutput(ModelOutput):
+    """What :meth:`HMT.forward` returns (indexable like a dict: ``out["logits"]``).
+
+    Attributes:
+        loss: mean next-token cross-entropy over the scored tokens (when ``labels`` given).
+        logits: ``(B, T, vocab)`` aligned with ``input_ids`` (None with ``return_logits=False``).
+        memory_state: the memory after this call.
+        retrieval_weights: per segment, ``(B, C)`` weights of the memory search over the
+            cache as it stood (empty for the first segment of a stream).
+        retrieved_segments: per segment, ``(B, C)`` index of the segment that wrote each
+            cache entry (-1 for an empty slot): pairs with ``retrieval_weights``.
+        memory_embeddings: ``(B, S, d)`` the memory m_n written by each segment of the call.
+        nll_sum: ``(B,)`` summed next-token negative log-likelihood (when ``labels`` given).
+        num_tokens: ``(B,)`` tokens scored.
+        segment_nll, segment_tokens: ``(B, S)`` the same per segment.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    memory_state: Optional[MemoryState] = None
+    retrieval_weights: Optional[list] = None
+    retrieved_segments: Optional[list] = None
+    memory_embeddings: Optional[torch.Tensor] = None
+    nll_sum: Optional[torch.Tensor] = None
+    num_tokens: Optional[torch.Tensor] = None
+    segment_nll: Optional[torch.Tensor] = None
+    segment_tokens: Optional[torch.Tensor] = None
+
+
+class HMT(nn.Module):
+    """Hierarchical Memory Transformer around a Hugging Face causal LM.
+
+    Args:
+        backbone: any ``*ForCausalLM`` that accepts ``inputs_embeds`` (a PEFT-wrapped one too).
+        config: :class:`HMTConfig`; ``hidden_dim`` is taken from the backbone when None.
+
+    Calls are stateful like the walkthrough's: the memory persists across calls until
+    :meth:`clear_memory`. Pass ``memory_state=`` to work functionally instead.
+    """
+
+    def __init__(self, backbone: nn.Module, config: Optional[HMTConfig] = None):
+        super().__init__()
+        config = dataclasses.replace(config) if config is not None else HMTConfig()
+        width = bb.embedding_dim(backbone)
+        if config.hidden_dim is None:
+            config.hidden_dim = width
+        elif config.hidden_dim != width:
+            raise ValueError(
+                f"HMTConfig.hidden_dim={config.hidden_dim} contradicts the backbone, whose input "
+                f"embeddings (and LM-head input) are {width} wide. Set hidden_dim={width} or leave "
+                "it None. (For OPT models this is word_embed_proj_dim, not hidden_size.)"
+            )
+        limit = bb.max_positions(backbone)
+        if limit is not None and config.augmented_length > limit:
+            raise ValueError(
+                f"An augmented segment has k + L + 2 = {config.augmented_length} positions but the "
+                f"backbone supports {limit}. Lower segment_length or sensory_memory_size."
+            )
+        self.config = config
+        self.backbone = backbone
+        self.representation_encoder = RepresentationEncoder(config)
+        self.memory_search = MemorySearch(config)
+        self.memory_generator = MemoryEmbeddingGenerator(config)
+        self._init_memory_parameters()
+        self._state: Optional[MemoryState] = None
+
+    @torch.no_grad()
+    def _init_memory_parameters(self) -> None:
+        # Start T and the initial memory near the token-embedding distribution, so an
+        # untrained HMT feeds the backbone inputs of a familiar scale.
+        table = self.embedding_layer.weight
+        mean, std = table.float().mean(0), table.float().std()
+        generator = torch.Generator().manual_seed(0)
+        for param in (self.representation_encoder.summary_prompt, self.memory_search.initial_memory):
+            noise = torch.randn(param.shape, generator=generator) * 0.1 * std
+            param.copy_(mean.cpu() + noise)
+        ref = table
+        for module in (self.representation_encoder, self.memory_search, self.memory_generator):
+            module.to(device=ref.device, dtype=ref.dtype)
+
+    # ------------------------------------------------------------------ walkthrough API
+    @property
+    def embedding_layer(self) -> nn.Module:
+        """The backbone's input-embedding layer (token ids -> ``(…, d)``)."""
+        return bb.unwrap(self.backbone).get_input_embeddings()
+
+    @property
+    def memory_state(self) -> Optional[MemoryState]:
+        """The memory the stateful calls carry (None after :meth:`clear_memory`)."""
+        return self._state
+
+    @memory_state.setter
+    def memory_state(self, state: Optional[MemoryState]) -> None:
+        if state is not None:
+            state.validate(self.config)
+        self._state = state
+
+    @property
+    def memory_cache(self) -> "MemoryCacheView":
+        """The long-term cache of the stateful memory; ``len()`` is the number of memories held."""
+        return MemoryCacheView(self._state)
+
+    def clear_memory(self) -> None:
+        """Forget everything: empty cache, no sensory memory."""
+        self._state = None
+
+    def detach_memory(self) -> None:
+        """Keep the stateful memory but cut its autograd history (between training steps)."""
+        if self._state is not None:
+            self._state = self._state.detach()
+
+    def get_memory_stats(self) -> dict:
+        """Sizes of the stateful memory (for a batch: the largest row; per row in ``cache_sizes``)."""
+        state = self._state
+        cache_sizes = state.cache_sizes.tolist() if state is not None else []
+        sensory = state.sensory_lengths.tolist() if state is not None else []
+        return {
+            "cache_size": max(cache_sizes, default=0),
+            "max_cache_size": self.config.num_memory_embeddings,
+            "sensory_memory_active": any(n > 0 for n in sensory),
+            "sensory_memory_size": max(sensory, default=0),
+            "segments_processed": max(state.segments_seen.tolist(), default=0) if state is not None else 0,
+            "batch_size": state.batch_size if state is not None else 0,
+            "cache_sizes": cache_sizes,
+        }
+
+    def new_memory(self, batch_size: int) -> MemoryState:
+        """An empty memory for ``batch_size`` streams, on the backbone's device and dtype."""
+        ref = self.embedding_layer.weight
+        return MemoryState.empty(batch_size, self.config, device=ref.device, dtype=ref.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_memory: bool = True,
+        memory_state: Optional[MemoryState] = None,
+        return_logits: bool = True,
+        detach_every: Optional[int] = None,
+    ) -> HMTOutput:
+        """Read ``input_ids`` segment by segment.
+
+        Args:
+            input_ids: ``(B, T)`` token ids, any T >= 1.
+            attention_mask: ``(B, T)`` 1 for real tokens; each row one contiguous block
+                (right or left padding). None: all real.
+            labels: ``(B, T)`` targets as for a Hugging Face causal LM (shifted inside;
+                -100 and padding are ignored). Gives ``loss`` and the NLL fields.
+            use_memory: False runs the plain backbone on the same disjoint L-token
+                segments (no sensory, no memory tokens) and leaves the memory untouched:
+                the paper's baseline.
+            memory_state: start from this memory (functional use); the stateful memory is
+                then neither read nor written. None: use and update the stateful memory.
+            return_logits: False skips keeping ``(B, T, vocab)`` logits, so a long document
+                is scored in memory independent of its length.
+            detach_every: truncated BPTT: detach the whole memory (cache and sensory
+                hand-off) after every ``detach_every`` segments.
+
+        Returns:
+            :class:`HMTOutput`.
+        """
+        ids, mask, labels, starts, lengths = self._check_inputs(input_ids, attention_mask, labels)
+        if detach_every is not None and (not isinstance(detach_every, int) or detach_every < 1):
+            raise ValueError(f"detach_every must be a positive integer or None, got {detach_every!r}.")
+        B = ids.shape[0]
+        explicit = memory_state is not None
+        state = memory_state if explicit else self._state
+        if state is None:
+            state = self.new_memory(B)
+        elif state.batch_size != B:
+            raise ValueError(
+                f"The memory holds {state.batch_size} streams but input_ids has batch size {B}. "
+                "Call clear_memory() to start new streams, or pass memory_state= for this batch."
+            )
+        else:
+            state.validate(self.config)
+
+        L = self.config.segment_length
+        targets = None
+        if labels is not None:  # position t is scored against token t + 1
+            targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], dim=1)
+        num_segments = -(-max(lengths) // L)
+        logits, weights, owners, memories, seg_nll, seg_count = [], [], [], [], [], []
+        for s in range(num_segments):
+            seg_ids = ids[:, s * L : (s + 1) * L]
+            seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
+            if use_memory:
+                hidden, state, memory, w, owner = self._memory_segment(state, seg_ids, seg_lens)
+                memories.append(memory)
+                weights.append(w)
+                owners.append(owner)
+                if detach_every is not None and (s + 1) % detach_every == 0:
+                    state = state.detach()
+            else:
+                hidden = self._plain_segment(seg_ids, seg_lens)
+            seg_logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
+            if targets is not None:
+                seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]]
+                nll = F.cross_entropy(
+                    seg_logits.flatten(0, 1).float(), seg_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+                ).view_as(seg_targets)
+                seg_nll.append(nll.sum(1))
+                seg_count.append((seg_targets != IGNORE_INDEX).sum(1))
+            if return_logits:
+                logits.append(seg_logits)
+
+        if use_memory and not explicit:
+            self._state = state
+        out = HMTOutput(memory_state=state if use_memory else memory_state)
+        if use_memory:
+            out.retrieval_weights, out.retrieved_segments = weights, owners
+            out.memory_embeddings = torch.stack(memories, dim=1)
+        if return_logits:
+            out.logits = self._restore_positions(torch.cat(logits, dim=1), mask, starts)
+        if targets is not None:
+            out.segment_nll, out.segment_tokens = torch.stack(seg_nll, 1), torch.stack(seg_count, 1)
+            out.nll_sum, out.num_tokens = out.segment_nll.sum(1), out.segment_tokens.sum(1)
+            total = out.num_tokens.sum()
+            out.loss = out.nll_sum.sum() / total.clamp(min=1) if int(total) > 0 else out.nll_sum.sum() * float("nan")
+        return out
+
+    # ------------------------------------------------------------------ one segment
+    def read_memory(
+        self, state: MemoryState, token_embeds: torch.Tensor, lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """P_n ``(B, d)`` and the search weights ``(B, C)`` for a segment whose embeddings are ``token_embeds``."""
+        summary = None
+        if self.config.use_retrieval and state.cache.shape[1] > 0:
+            summary = self.representation_encoder(self.backbone, token_embeds, lengths)
+        return self.memory_search(summary, state.cache, state.cache_mask)
+
+    def sensory_embeds(self, state: MemoryState) -> tuple[torch.Tensor, list[int]]:
+        """Raw token embeddings of the sensory memory ``(B, k, d)`` and real lengths per row."""
+        return self.embedding_layer(state.sensory_ids), state.sensory_lengths.tolist()
+
+    def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int]):
+        B, width = seg_ids.shape
+        token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
+        recalled, weights = self.read_memory(state, token_embeds, seg_lens)
+        owner = state.cache_segments
+        sensory, sensory_lens = self.sensory_embeds(state)
+        memory_token = recalled.unsqueeze(1).to(token_embeds.dtype)  # (B, 1, d)
+        ones = [1] * B
+        # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
+        # one (right after each row's last real token) is where m_n is written.
+        packed = pack_rows([(memory_token, ones), (sensory, sensory_lens), (token_embeds, seg_lens), (memory_token, ones)])
+        hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
+        segment_hidden = gather_rows(hidden, packed.offsets[2], width)  # (B, l, d)
+        memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
+        active = torch.as_tensor([n > 0 for n in seg_lens], device=seg_ids.device)
+        lens = torch.as_tensor(seg_lens, device=seg_ids.device)
+        state = state.push(memory, active, self.config.num_memory_embeddings).with_sensory(seg_ids, lens, active)
+        return segment_hidden, state, memory, weights, owner
+
+    def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int]) -> torch.Tensor:
+        B, width = seg_ids.shape
+        packed = pack_rows([(self.embedding_layer(seg_ids), seg_lens)])
+        return run_packed(self.backbone, packed)[:, :width]
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(self, input_ids, attention_mask, labels):
+        """Validate; return left-aligned ids, mask, labels, per-row starts and lengths."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
+        if input_ids.dtype in (torch.bool,) or input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(
+                f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}. "
+                "Pass the tokenizer's input_ids, not embeddings."
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, seq_len), got rank {input_ids.dim()} "
+                f"{tuple(input_ids.shape)}. For one sequence use input_ids.unsqueeze(0)."
+            )
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token.")
+        vocab = bb.vocab_size(self.backbone)
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"input_ids holds ids in [{low}, {high}] but the backbone's vocabulary has {vocab} "
+                "entries (0 .. vocab-1). Was the text tokenised with another tokenizer?"
+            )
+        ids = input_ids.long()
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+                raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {shape}.")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
+            mask = attention_mask.long()
+            edges = (mask[:, 1:] != mask[:, :-1]).sum(1) + mask[:, 0].ne(0).long() + mask[:, -1].ne(0).long()
+            if bool((edges > 2).any()):
+                rows = (edges > 2).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"attention_mask has holes in rows {rows}: each row's real tokens must be one "
+                    "contiguous block (padding only on the left or the right)."
+                )
+        lengths_t = mask.sum(1)
+        if bool((lengths_t == 0).any()):
+            rows = (lengths_t == 0).nonzero().flatten().tolist()
+            raise ValueError(f"Rows {rows} of the batch are empty (attention_mask all 0); drop them.")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T):
+                raise ValueError(f"labels must be a tensor with the shape of input_ids {(B, T)}.")
+            if labels.is_floating_point():
+                raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}.")
+            labels = labels.long().masked_fill(mask == 0, IGNORE_INDEX)
+        starts = mask.argmax(1)  # first real position of each row
+        if bool(starts.any()):  # left padding: move each row's tokens to the front
+            index = (torch.arange(T, device=ids.device).view(1, T) + starts.view(B, 1)) % T
+            ids, mask = ids.gather(1, index), mask.gather(1, index)
+            labels = labels.gather(1, index) if labels is not None else None
+        return ids, mask, labels, starts, lengths_t.tolist()
+
+    @staticmethod
+    def _restore_positions(logits: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Undo the left-alignment and zero the padding positions."""
+        if bool((mask == 0).any()):
+            logits = logits * mask.unsqueeze(-1).to(logits.dtype)
+        if bool(starts.any()):
+            B, T, V = logits.shape
+            index = (torch.arange(T, device=logits.device).view(1, T) - starts.view(B, 1)) % T
+            logits = logits.gather(1, index.unsqueeze(-1).expand(B, T, V))
+        return logits
+
+
+class MemoryCacheView:
+    """Read-only view of the stateful cache: ``len()``, indexing (oldest first), tensors."""
+
+    def __init__(self, state: Optional[MemoryState]):
+        self.state = state
+
+    def __len__(self) -> int:
+        return 0 if self.state is None else int(self.state.cache_sizes.max())
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """The ``index``-th memory (oldest first) of the first stream, ``(d,)``."""
+        if self.state is None:
+            raise IndexError("the memory cache is empty")
+        return self.state.memories(0)[index]
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """``(B, C, d)`` right-aligned cache (see :class:`MemoryState`)."""
+        if self.state is None:
+            raise ValueError("the memory cache is empty")
+        return self.state.cache
+
+    def __repr__(self) -> str:
+        return f"MemoryCacheView(size={len(self)})"
