@@ -173,6 +173,7 @@ def _ensure_default_backbone() -> Path:
     try:
         clean.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        os.chmod(staging, 0o755)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)  # atomic: a half-written directory is never picked up
