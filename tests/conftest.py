@@ -1,0 +1,51 @@
+"""Tiny random backbones of every tested architecture, built offline from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+
+VOCAB = 128
+SPECIAL = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def _configs():
+    small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=256)
+    rotary = dict(small, hidden_size=32, intermediate_size=64, num_key_value_heads=2)
+    return {
+        "gpt2": GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=256, **SPECIAL),
+        "opt": OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, **small, **SPECIAL),
+        # OPT-350M style: input embeddings (16) narrower than the layers (32)
+        "opt-proj": OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=16, **small, **SPECIAL),
+        "llama": LlamaConfig(**rotary, **SPECIAL),
+        "qwen2": Qwen2Config(**rotary, **SPECIAL),
+        "gemma3": Gemma3TextConfig(**rotary, head_dim=8, sliding_window=24, **SPECIAL),
+    }
+
+
+ARCHITECTURES = list(_configs())
+
+
+def make_backbone(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[arch], dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
+
+
+def randomize_memory_parameters(model, seed: int = 1) -> None:
+    """Give HMT's own parameters random values so every path carries signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (
+            model.representation_encoder.summary_prompt,
+            model.memory_search.initial_memory,
+            model.memory_search.query.weight,
+            model.memory_search.key.weight,
+        ):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)

@@ -1,0 +1,255 @@
+"""Behaviour of the HMT core on tiny random backbones of every tested architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hmt import HMT, HMTConfig, MemoryState
+from hmt.memory import MemoryEmbeddingGenerator
+
+from .conftest import VOCAB, make_backbone, randomize_memory_parameters
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+L, J, K, N = 10, 4, 3, 4
+
+
+def build(arch: str, **overrides) -> HMT:
+    values = dict(segment_length=L, representation_length=J, sensory_memory_size=K, num_memory_embeddings=N)
+    values.update(overrides)
+    model = HMT(make_backbone(arch), HMTConfig(**values)).eval()
+    randomize_memory_parameters(model)
+    return model
+
+
+def tokens(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- 1. parity
+def test_memory_off_equals_backbone(arch):
+    model = build(arch)
+    backbone = model.backbone
+    short = tokens(2, L - 3)
+    long = tokens(2, 3 * L + 4, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(short, use_memory=False)["logits"], backbone(short).logits, **TOL)
+        expected = torch.cat([backbone(chunk).logits for chunk in long.split(L, dim=1)], dim=1)
+        torch.testing.assert_close(model(long, use_memory=False)["logits"], expected, **TOL)
+    assert model.memory_state is None  # use_memory=False leaves the memory alone
+
+
+def test_memory_off_padded_batch_equals_backbone(arch):
+    model = build(arch)
+    ids = tokens(2, 2 * L + 3)
+    mask = torch.ones_like(ids)
+    mask[1, L + 2 :] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_memory=False).logits
+        alone = torch.cat([model.backbone(c).logits for c in ids[1:, : L + 2].split(L, 1)], 1)
+    torch.testing.assert_close(out[1, : L + 2], alone[0], **TOL)
+    assert out[1, L + 2 :].abs().max() == 0
+
+
+def test_memory_changes_predictions(arch):
+    model = build(arch)
+    ids = tokens(1, 3 * L)
+    with torch.no_grad():
+        on = model(ids).logits
+        off = model(ids, use_memory=False).logits
+    assert (on[:, L:] - off[:, L:]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- 3. streaming
+def test_one_call_equals_segment_by_segment_calls(arch):
+    model = build(arch)
+    ids = tokens(2, 6 * L, seed=3)
+    with torch.no_grad():
+        whole = model(ids)
+        whole_state = model.memory_state
+        model.clear_memory()
+        pieces = [model(chunk) for chunk in ids.split(L, dim=1)]
+    torch.testing.assert_close(torch.cat([p.logits for p in pieces], 1), whole.logits, **TOL)
+    torch.testing.assert_close(model.memory_state.cache, whole_state.cache, **TOL)
+    assert torch.equal(model.memory_state.sensory_ids, whole_state.sensory_ids)
+    assert torch.equal(model.memory_state.cache_segments, whole_state.cache_segments)
+
+
+def test_explicit_state_is_functional(arch):
+    model = build(arch)
+    ids = tokens(1, 3 * L, seed=4)
+    with torch.no_grad():
+        first = model(ids[:, : 2 * L], memory_state=model.new_memory(1))
+        assert model.memory_state is None  # functional calls leave the stateful memory alone
+        second = model(ids[:, 2 * L :], memory_state=first.memory_state)
+        whole = model(ids, memory_state=model.new_memory(1))
+    torch.testing.assert_close(second.logits, whole.logits[:, 2 * L :], **TOL)
+
+
+# ----------------------------------------------------------------------------- 4. batches
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batch_equals_each_alone(arch, side):
+    model = build(arch)
+    a, b = tokens(5 * L + 3, seed=5), tokens(2 * L + 7, seed=6)
+    pad = torch.full((len(a) - len(b),), 2)
+    b_padded = torch.cat([b, pad]) if side == "right" else torch.cat([pad, b])
+    mask_b = (torch.arange(len(a)) < len(b)) if side == "right" else (torch.arange(len(a)) >= len(a) - len(b))
+    ids = torch.stack([a, b_padded])
+    mask = torch.stack([torch.ones(len(a), dtype=torch.long), mask_b.long()])
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, memory_state=model.new_memory(2))
+        alone_a = model(a[None], memory_state=model.new_memory(1))
+        alone_b = model(b[None], memory_state=model.new_memory(1))
+    torch.testing.assert_close(batch.logits[0], alone_a.logits[0], **TOL)
+    torch.testing.assert_close(batch.logits[1][mask_b], alone_b.logits[0], **TOL)
+    # each row keeps its own memory
+    torch.testing.assert_close(batch.memory_state.memories(0), alone_a.memory_state.memories(0), **TOL)
+    torch.testing.assert_close(batch.memory_state.memories(1), alone_b.memory_state.memories(0), **TOL)
+    assert batch.memory_state.sensory_ids[1].tolist() == alone_b.memory_state.sensory_ids[0].tolist()
+    assert batch.memory_state.segments_seen.tolist() == [6, 3]
+
+
+def test_state_select_and_cat_roundtrip(arch):
+    model = build(arch)
+    ids = tokens(3, 4 * L + 1, seed=7)
+    mask = torch.ones_like(ids)
+    mask[2, 2 * L :] = 0
+    with torch.no_grad():
+        state = model(ids, attention_mask=mask, memory_state=model.new_memory(3)).memory_state
+        rebuilt = MemoryState.cat([state.select([0]), state.select([1, 2])])
+        nxt = tokens(3, L, seed=8)
+        torch.testing.assert_close(
+            model(nxt, memory_state=rebuilt).logits, model(nxt, memory_state=state).logits, **TOL
+        )
+
+
+# ----------------------------------------------------------------------------- 5. gradients
+def _loss_on_last_segment(model, ids, **kwargs):
+    # position t is scored against token t + 1: targets from the second token of the last
+    # segment on keep every scored position inside the last segment
+    labels = torch.full_like(ids, -100)
+    labels[:, -(L - 1) :] = ids[:, -(L - 1) :]
+    return model(ids, labels=labels, memory_state=model.new_memory(ids.shape[0]), **kwargs).loss
+
+
+def test_gradients_reach_memory_parameters_through_three_segments(arch):
+    model = build(arch, sensory_memory_size=0)
+    ids = tokens(1, 4 * L, seed=9)
+    _loss_on_last_segment(model, ids).backward()
+    # the initial memory only enters segment 1: its gradient crossed three segment hand-offs
+    named = {
+        "summary_prompt T": model.representation_encoder.summary_prompt,
+        "W_q": model.memory_search.query.weight,
+        "W_k": model.memory_search.key.weight,
+        "initial memory": model.memory_search.initial_memory,
+        "backbone embeddings": model.embedding_layer.weight,
+    }
+    for name, param in named.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("depth, reaches_first", [(1, False), (2, False), (3, False), (4, True)])
+def test_truncated_bptt_really_cuts(depth, reaches_first):
+    """With detach_every=K, the loss on segment 4 must not reach segment 1 unless K >= 4."""
+    model = build("llama", sensory_memory_size=0)
+    ids = tokens(1, 4 * L, seed=10)
+    _loss_on_last_segment(model, ids, detach_every=depth).backward()
+    grad = model.memory_search.initial_memory.grad
+    reached = grad is not None and bool(grad.abs().sum() > 0)
+    assert reached == reaches_first
+
+
+# ----------------------------------------------------------------------------- 6. FIFO
+def test_fifo_cache_holds_last_n_in_order(arch):
+    model = build(arch)
+    ids = tokens(1, 9 * L, seed=11)
+    sizes = []
+    with torch.no_grad():
+        written = []
+        for chunk in ids.split(L, dim=1):
+            out = model(chunk)
+            written.append(out.memory_embeddings[0, 0])
+            sizes.append(len(model.memory_cache))
+    assert sizes == [1, 2, 3, 4, 4, 4, 4, 4, 4]
+    assert torch.equal(model.memory_state.memories(0), torch.stack(written[-N:]))
+    assert model.memory_state.cache_segments[0].tolist() == [5, 6, 7, 8]
+    stats = model.get_memory_stats()
+    assert stats["cache_size"] == N and stats["max_cache_size"] == N
+    assert stats["sensory_memory_active"] and stats["sensory_memory_size"] == K
+    model.clear_memory()
+    assert len(model.memory_cache) == 0 and not model.get_memory_stats()["sensory_memory_active"]
+
+
+def test_retrieval_outputs_name_the_recalled_segments():
+    model = build("llama")
+    with torch.no_grad():
+        out = model(tokens(1, 7 * L, seed=12))
+    assert out.retrieval_weights[0].shape == (1, 0)
+    for s in range(1, 7):
+        weights, owners = out.retrieval_weights[s][0], out.retrieved_segments[s][0]
+        real = owners >= 0
+        assert owners[real].tolist() == list(range(max(0, s - N), s))
+        torch.testing.assert_close(weights[real].sum(), torch.tensor(1.0))
+        assert weights[~real].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- loss
+def test_loss_is_token_weighted_next_token_cross_entropy():
+    model = build("qwen2")
+    ids = tokens(2, 3 * L + 2, seed=13)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=ids, memory_state=model.new_memory(2))
+        logp = out.logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        scored = mask[:, 1:].bool()
+        expected = -(logp[scored]).mean()
+        lean = model(ids, attention_mask=mask, labels=ids, memory_state=model.new_memory(2), return_logits=False)
+    torch.testing.assert_close(out.loss, expected, **TOL)
+    assert out.num_tokens.tolist() == [3 * L + 1, 3 * L + 1 - 5]
+    assert lean.logits is None
+    torch.testing.assert_close(lean.nll_sum, out.nll_sum, **TOL)
+    torch.testing.assert_close(out.segment_nll.sum(1), out.nll_sum)
+
+
+# ----------------------------------------------------------------------------- generator
+def test_extraction_strategies():
+    config = HMTConfig(segment_length=8, sensory_memory_size=2, hidden_dim=6)
+    generator = MemoryEmbeddingGenerator(config)
+    hidden = torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    torch.testing.assert_close(generator(hidden, mask, "last"), torch.stack([hidden[0, 4], hidden[1, 2]]))
+    torch.testing.assert_close(generator(hidden, mask, "cls"), hidden[:, 0])
+    torch.testing.assert_close(generator(hidden, mask, "mean"), torch.stack([hidden[0].mean(0), hidden[1, :3].mean(0)]))
+    torch.testing.assert_close(generator(hidden, mask, "max"), torch.stack([hidden[0].amax(0), hidden[1, :3].amax(0)]))
+    assert generator(hidden).shape == (2, 6)
+    compressed = MemoryEmbeddingGenerator(HMTConfig(segment_length=8, sensory_memory_size=2, hidden_dim=6, memory_compression=True))
+    torch.testing.assert_close(compressed(hidden, mask), generator(hidden, mask))  # identity at init
+    assert sum(p.numel() for p in compressed.parameters()) == 6 * 6 + 6
+
+
+@pytest.mark.parametrize("strategy", ["mean", "max", "cls"])
+def test_other_strategies_run_in_hmt(strategy):
+    model = build("llama", extraction_strategy=strategy)
+    with torch.no_grad():
+        out = model(tokens(1, 3 * L + 2))
+    assert out.memory_embeddings.shape == (1, 4, model.config.hidden_dim)
+
+
+# ----------------------------------------------------------------------------- state files
+def test_memory_state_file_roundtrip(tmp_path):
+    model = build("gpt2")
+    with torch.no_grad():
+        state = model(tokens(2, 3 * L)).memory_state
+    path = tmp_path / "memory.safetensors"
+    state.save(path)
+    loaded = MemoryState.load(path)
+    for name in ("cache", "cache_mask", "cache_segments", "sensory_ids", "sensory_lengths", "segments_seen"):
+        assert torch.equal(getattr(loaded, name), getattr(state, name)), name
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable HMT memory-state file"):
+        MemoryState.load(path)
+    other = build("gpt2", sensory_memory_size=5)
+    with pytest.raises(ValueError, match="sensory width"):
+        other.memory_state = loaded
