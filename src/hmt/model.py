@@ -160,6 +160,27 @@ class HMT(nn.Module):
         ref = self.embedding_layer.weight
         return MemoryState.empty(batch_size, self.config, device=ref.device, dtype=ref.dtype)
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory, trained_backbone: Optional[str] = None):
+        """Write HMT's parameters (plus LoRA or backbone weights if trained) and config, atomically.
+
+        ``trained_backbone``: ``"none"``, ``"lora"`` or ``"full"``; by default inferred (a PEFT
+        backbone is ``"lora"``, a backbone with trainable parameters ``"full"``).
+        """
+        from . import checkpoint
+
+        return checkpoint.save(self, directory, trained_backbone)
+
+    @classmethod
+    def from_pretrained(cls, backbone: nn.Module, directory, **config_overrides) -> "HMT":
+        """Rebuild an HMT written by :meth:`save_pretrained` around ``backbone``.
+
+        Checks the backbone is the one it was trained on; applies saved LoRA weights.
+        """
+        from . import checkpoint
+
+        return checkpoint.load(cls, backbone, directory, **config_overrides)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,

@@ -1,0 +1,216 @@
+"""Saving and loading what HMT trained: safetensors plus JSON, never pickles.
+
+A directory written by :meth:`hmt.HMT.save_pretrained` holds
+
+- ``hmt_config.json``: the :class:`~hmt.HMTConfig`;
+- ``hmt_meta.json``: format version, a description of the backbone it was trained on,
+  what of the backbone was trained (``"none"``, ``"lora"`` or ``"full"``) and the LoRA
+  config when used;
+- ``hmt_weights.safetensors``: HMT's own parameters (``hmt.*``), plus the LoRA weights
+  (``lora.*``) or the full backbone (``backbone.*``) when those were trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import backbone as bb
+from .config import CONFIG_NAME, HMTConfig
+
+if TYPE_CHECKING:
+    from .model import HMT
+
+FORMAT_VERSION = 1
+META_NAME = "hmt_meta.json"
+WEIGHTS_NAME = "hmt_weights.safetensors"
+
+
+def backbone_signature(backbone: torch.nn.Module) -> dict[str, Any]:
+    """What must match between the backbone a checkpoint was trained on and the one it is loaded into."""
+    config = bb.text_config(backbone)
+    inner = bb.unwrap(backbone)
+    table = inner.get_input_embeddings().weight
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return {
+        "model_type": getattr(config, "model_type", type(inner).__name__),
+        "vocab_size": int(table.shape[0]),
+        "embedding_dim": int(table.shape[1]),
+        "num_layers": layers,
+    }
+
+
+def embedding_fingerprint(backbone: torch.nn.Module) -> float:
+    """A cheap checksum of the input embeddings, to tell two sets of weights apart."""
+    table = bb.unwrap(backbone).get_input_embeddings().weight.detach()
+    return round(float(table[: min(64, table.shape[0])].double().abs().sum()), 3)
+
+
+def trained_backbone_kind(backbone: torch.nn.Module) -> str:
+    if bb.unwrap(backbone) is not backbone:  # a PEFT wrapper
+        return "lora"
+    if any(p.requires_grad for p in backbone.parameters()):
+        return "full"
+    return "none"
+
+
+def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    kind = trained_backbone or trained_backbone_kind(model.backbone)
+    if kind not in ("none", "lora", "full"):
+        raise ValueError(f"trained_backbone must be 'none', 'lora' or 'full', got {kind!r}.")
+    tensors = {f"hmt.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone_signature(model.backbone),
+        "trained_backbone": kind,
+    }
+    if kind == "lora":
+        from peft import get_peft_model_state_dict
+
+        peft_config = model.backbone.peft_config["default"]
+        meta["lora_config"] = json.loads(json.dumps(peft_config.to_dict(), default=_jsonable))
+        tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(model.backbone).items()})
+    elif kind == "full":
+        tensors.update({f"backbone.{k}": v for k, v in bb.unwrap(model.backbone).state_dict().items()})
+    else:
+        meta["embedding_fingerprint"] = embedding_fingerprint(model.backbone)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _dedupe_shared(tensors)
+
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.config.save(staging)
+        (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "hmt", "version": str(FORMAT_VERSION)})
+        os.chmod(staging, 0o755)
+        _replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_overrides) -> "HMT":
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory written by HMT.save_pretrained.")
+    config = HMTConfig.load(directory)
+    if config_overrides:
+        config = HMTConfig.from_dict({**config.to_dict(), **config_overrides})
+    meta = read_meta(directory)
+    expected, actual = meta.get("backbone", {}), backbone_signature(backbone)
+    mismatched = {k: (expected.get(k), actual[k]) for k in actual if expected.get(k) != actual[k]}
+    if mismatched:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs backbone {b!r}" for k, (a, b) in mismatched.items())
+        raise ValueError(f"{directory} was trained on another backbone ({details}). Load it into the backbone it was trained on.")
+    kind = meta.get("trained_backbone")
+    if kind == "none" and "embedding_fingerprint" in meta:
+        if abs(meta["embedding_fingerprint"] - embedding_fingerprint(backbone)) > 1e-2 * max(1.0, meta["embedding_fingerprint"]):
+            raise ValueError(
+                f"{directory} was trained on a backbone with the same architecture but other weights "
+                "(embedding checksum differs). Load it into the backbone it was trained on."
+            )
+    try:
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{directory / WEIGHTS_NAME} is missing or corrupt ({err}).") from err
+
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        if bb.unwrap(backbone) is backbone:
+            backbone = get_peft_model(backbone, LoraConfig(**meta["lora_config"]))
+        result = set_peft_model_state_dict(backbone, _strip(tensors, "lora."))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"LoRA weights in {directory} do not fit the backbone: {unexpected[:5]}")
+    elif kind == "full":
+        inner = bb.unwrap(backbone)
+        missing, unexpected = inner.load_state_dict(_strip(tensors, "backbone."), strict=False)
+        missing = [k for k in missing if k not in _tied_aliases(inner)]  # tied weights are saved once
+        if missing or unexpected:
+            raise ValueError(f"Backbone weights in {directory} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = cls(backbone, config)
+    own = _strip(tensors, "hmt.")
+    expected_keys = {k for k in model.state_dict() if not k.startswith("backbone.")}
+    if set(own) != expected_keys:
+        raise ValueError(
+            f"{directory} does not match this HMT config: missing {sorted(expected_keys - set(own))}, "
+            f"unexpected {sorted(set(own) - expected_keys)}."
+        )
+    try:
+        model.load_state_dict(own, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"HMT weights in {directory} do not fit the config: {err}") from err
+    return model
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / META_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No {META_NAME} in {directory}: not an HMT checkpoint (expected {CONFIG_NAME}, {META_NAME}, {WEIGHTS_NAME}).")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is corrupt ({err}).") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta.get('format_version')!r}; this hmt reads {FORMAT_VERSION}.")
+    return meta
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors refuses tensors that share memory (tied embeddings): keep one copy."""
+    seen: dict[tuple, str] = {}
+    for name in list(tensors):  # state-dict order: the embedding comes before a tied head
+        t = tensors[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            del tensors[name]
+        else:
+            seen[key] = name
+
+
+def _tied_aliases(module: torch.nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (tied weights)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target`` so that a crash leaves either the old or the new directory."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return str(value)

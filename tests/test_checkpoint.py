@@ -1,0 +1,76 @@
+"""save_pretrained / from_pretrained: only what HMT trained, safetensors + JSON, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hmt import HMT, HMTConfig
+
+from .conftest import VOCAB, make_backbone, randomize_memory_parameters
+
+CONFIG = HMTConfig(segment_length=8, sensory_memory_size=2, num_memory_embeddings=3)
+
+
+def _ids():
+    return torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+
+
+def test_roundtrip_saves_only_hmt_parameters(tmp_path):
+    backbone = make_backbone("llama").requires_grad_(False)
+    model = HMT(backbone, CONFIG).eval()
+    randomize_memory_parameters(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    names = set(load_file(str(tmp_path / "ckpt" / "hmt_weights.safetensors")))
+    assert names == {f"hmt.{k}" for k in model.state_dict() if not k.startswith("backbone.")}
+    restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(_ids()).logits, model(_ids(), memory_state=model.new_memory(1)).logits)
+    assert not list(tmp_path.glob(".ckpt*"))  # no staging leftovers
+
+
+def test_lora_weights_are_saved_and_restored(tmp_path):
+    peft = pytest.importorskip("peft")
+    backbone = peft.get_peft_model(make_backbone("llama"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)  # LoRA starts as a no-op; make it matter
+    model = HMT(backbone, CONFIG).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "hmt_meta.json").read_text())
+    assert meta["trained_backbone"] == "lora"
+    restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(_ids()).logits, model(_ids(), memory_state=model.new_memory(1)).logits)
+        plain = HMT(make_backbone("llama"), CONFIG).eval()
+        assert (plain(_ids()).logits - model(_ids(), memory_state=model.new_memory(1)).logits).abs().max() > 1e-4
+
+
+def test_full_backbone_is_saved_when_trained(tmp_path):
+    backbone = make_backbone("gpt2")
+    with torch.no_grad():
+        backbone.transformer.h[0].mlp.c_fc.weight.add_(0.5)
+    model = HMT(backbone, CONFIG).eval()
+    model.save_pretrained(tmp_path / "ckpt", trained_backbone="full")
+    restored = HMT.from_pretrained(make_backbone("gpt2"), tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(_ids()).logits, model(_ids(), memory_state=model.new_memory(1)).logits)
+
+
+def test_mismatched_and_corrupt_checkpoints(tmp_path):
+    HMT(make_backbone("llama").requires_grad_(False), CONFIG).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="another backbone"):
+        HMT.from_pretrained(make_backbone("gpt2"), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="other weights"):
+        HMT.from_pretrained(make_backbone("llama", seed=5), tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        HMT.from_pretrained(make_backbone("llama"), tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="does not match this HMT config"):
+        HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt", memory_compression=True)
+    weights = tmp_path / "ckpt" / "hmt_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="missing or corrupt"):
+        HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
