@@ -253,3 +253,17 @@ def test_memory_state_file_roundtrip(tmp_path):
     other = build("gpt2", sensory_memory_size=5)
     with pytest.raises(ValueError, match="sensory width"):
         other.memory_state = loaded
+
+
+def test_segment_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = build("llama")
+        ids = tokens(2, 4 * L + 3, seed=14)
+        out = model(ids, labels=ids, memory_state=model.new_memory(2), return_logits=False,
+                    checkpoint_segments=checkpointing)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=name)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -56,6 +57,19 @@ class HMTOutput(ModelOutput):
     num_tokens: Optional[torch.Tensor] = None
     segment_nll: Optional[torch.Tensor] = None
     segment_tokens: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Step:
+    """What one segment produces."""
+
+    state: Optional[MemoryState] = None
+    memory: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    owners: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    nll: Optional[torch.Tensor] = None
+    count: Optional[torch.Tensor] = None
 
 
 class HMT(nn.Module):
@@ -191,6 +205,7 @@ class HMT(nn.Module):
         memory_state: Optional[MemoryState] = None,
         return_logits: bool = True,
         detach_every: Optional[int] = None,
+        checkpoint_segments: bool = False,
     ) -> HMTOutput:
         """Read ``input_ids`` segment by segment.
 
@@ -209,6 +224,8 @@ class HMT(nn.Module):
                 is scored in memory independent of its length.
             detach_every: truncated BPTT: detach the whole memory (cache and sensory
                 hand-off) after every ``detach_every`` segments.
+            checkpoint_segments: gradient checkpointing per segment: keep only the memory
+                between segments and recompute each segment during backward.
 
         Returns:
             :class:`HMTOutput`.
@@ -238,25 +255,25 @@ class HMT(nn.Module):
         for s in range(num_segments):
             seg_ids = ids[:, s * L : (s + 1) * L]
             seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
+            seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]] if targets is not None else None
+            args = (state, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
+            if checkpoint_segments and torch.is_grad_enabled():
+                # Recompute the segment in backward: activations of only one segment live at a time.
+                step = torch.utils.checkpoint.checkpoint(self._segment, *args, use_reentrant=False)
+            else:
+                step = self._segment(*args)
             if use_memory:
-                hidden, state, memory, w, owner = self._memory_segment(state, seg_ids, seg_lens)
-                memories.append(memory)
-                weights.append(w)
-                owners.append(owner)
+                state = step.state
+                memories.append(step.memory)
+                weights.append(step.weights)
+                owners.append(step.owners)
                 if detach_every is not None and (s + 1) % detach_every == 0:
                     state = state.detach()
-            else:
-                hidden = self._plain_segment(seg_ids, seg_lens)
-            seg_logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
-            if targets is not None:
-                seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]]
-                nll = F.cross_entropy(
-                    seg_logits.flatten(0, 1).float(), seg_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-                ).view_as(seg_targets)
-                seg_nll.append(nll.sum(1))
-                seg_count.append((seg_targets != IGNORE_INDEX).sum(1))
+            if seg_targets is not None:
+                seg_nll.append(step.nll)
+                seg_count.append(step.count)
             if return_logits:
-                logits.append(seg_logits)
+                logits.append(step.logits)
 
         if use_memory and not explicit:
             self._state = state
@@ -286,6 +303,23 @@ class HMT(nn.Module):
     def sensory_embeds(self, state: MemoryState) -> tuple[torch.Tensor, list[int]]:
         """Raw token embeddings of the sensory memory ``(B, k, d)`` and real lengths per row."""
         return self.embedding_layer(state.sensory_ids), state.sensory_lengths.tolist()
+
+    def _segment(self, state, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool) -> "_Step":
+        """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write."""
+        step = _Step()
+        if use_memory:
+            hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(state, seg_ids, seg_lens)
+        else:
+            hidden = self._plain_segment(seg_ids, seg_lens)
+        seg_logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
+        if seg_targets is not None:
+            nll = F.cross_entropy(
+                seg_logits.flatten(0, 1).float(), seg_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view_as(seg_targets)
+            step.nll, step.count = nll.sum(1), (seg_targets != IGNORE_INDEX).sum(1)
+        if want_logits:
+            step.logits = seg_logits
+        return step
 
     def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int]):
         B, width = seg_ids.shape
