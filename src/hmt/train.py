@@ -1,0 +1,532 @@
+"""Training HMT: BPTT over unrolled segments, the paper's two-stage recipe, exact resume.
+
+The CLI (``hmt train --config recipe.yaml``) and the Python API (:func:`train`) are the
+same code. It runs as one process or under ``accelerate launch`` (DDP); every process
+draws its share of the same global batch, so the result does not depend on how many
+processes there are.
+
+A recipe is YAML: either the fields of :class:`TrainConfig` at the top level, or
+``common:`` fields plus a list of ``stages:``, each with a ``name`` and its overrides. A
+stage's ``init_from`` may name an earlier stage (``"stage:NAME"``) to start from its
+final checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import backbone as bb
+from .checkpoint import _replace_dir, read_meta
+from .config import HMTConfig
+from .model import HMT
+
+TRAINABLE = ("memory", "lora", "full")
+STATE_NAME = "training_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """One training run (one stage of a recipe)."""
+
+    # --- model
+    backbone: Optional[str] = field(default=None, metadata={"help": "Backbone id or directory; None: SmolLM2-135M."})
+    hmt: dict = field(default_factory=dict, metadata={"help": "HMTConfig fields (segment_length, ...)."})
+    use_memory: bool = field(
+        default=True,
+        metadata={"help": "False trains the baseline: the same backbone on the same disjoint segments, no memory."},
+    )
+    init_from: Optional[str] = field(
+        default=None, metadata={"help": "HMT checkpoint directory (or 'stage:NAME') to start from."}
+    )
+    trainable: str = field(
+        default="lora", metadata={"help": "What trains besides HMT's own parameters: 'memory' (nothing), 'lora', 'full'."}
+    )
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: Any = field(default="all-linear", metadata={"help": "peft target_modules."})
+    # --- data
+    data: str = field(default="kjv", metadata={"help": "Source for hmt.data: path, glob, JSONL, 'hf:NAME', 'kjv', ..."})
+    data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents."})
+    split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
+    split_seed: int = 0
+    segments_per_window: int = field(default=2, metadata={"help": "S: segments unrolled per training window (BPTT depth)."})
+    window_stride: Optional[int] = field(default=None, metadata={"help": "Tokens between window starts (default: a window)."})
+    eval_documents: int = field(default=4, metadata={"help": "Validation documents scored at each evaluation."})
+    eval_max_tokens: int = field(default=4096, metadata={"help": "Tokens scored per validation document (its start)."})
+    # --- optimisation
+    steps: int = 100
+    batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step."})
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    decay: str = field(default="step", metadata={"help": "'step' (x decay_gamma every decay_every steps, the paper's), 'cosine', 'constant'."})
+    decay_every: int = 100
+    decay_gamma: float = 0.8
+    max_grad_norm: float = 1.0
+    bptt_depth: Optional[int] = field(default=None, metadata={"help": "Truncate BPTT: detach the memory every K segments."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each segment in backward."})
+    precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', 'fp16' or 'auto' (bf16 on a GPU that has it)."})
+    # --- bookkeeping
+    output_dir: str = "runs/hmt"
+    eval_every: int = 50
+    save_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
+        if self.decay not in ("step", "cosine", "constant"):
+            raise ValueError(f"TrainConfig.decay must be 'step', 'cosine' or 'constant', got {self.decay!r}.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.precision must be auto/fp32/bf16/fp16, got {self.precision!r}.")
+        for name in ("steps", "batch_size", "grad_accum", "segments_per_window", "eval_every", "save_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+        if self.bptt_depth is not None and (not isinstance(self.bptt_depth, int) or self.bptt_depth < 1):
+            raise ValueError(f"TrainConfig.bptt_depth must be a positive integer or null, got {self.bptt_depth!r}.")
+        self.hmt_config()  # validate the HMT fields now, not after loading a model
+
+    def hmt_config(self) -> HMTConfig:
+        return HMTConfig.from_dict(dict(self.hmt))
+
+    @property
+    def window(self) -> int:
+        return self.segments_per_window * self.hmt_config().segment_length
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the run that wrote the checkpoint."""
+        keep = ("backbone", "hmt", "use_memory", "init_from", "trainable", "lora_r", "lora_alpha", "lora_target_modules",
+                "data", "data_options", "split_fractions", "split_seed", "segments_per_window", "window_stride",
+                "batch_size", "grad_accum", "seed")
+        return json.loads(json.dumps({k: getattr(self, k) for k in keep}, default=list))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown training fields {unknown}; see `hmt train --help-fields`.")
+        return cls(**values)
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[tuple[str, TrainConfig]]:
+    """Read a YAML recipe into ``[(stage name, TrainConfig), ...]``.
+
+    ``overrides`` are ``key=value`` strings (YAML values) applied to every stage, e.g.
+    ``steps=10`` or ``hmt.segment_length=128``.
+    """
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Recipe {path} does not exist.") from err
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {path} must be a YAML mapping.")
+    stages = recipe.pop("stages", None)
+    common = recipe.pop("common", {}) if stages is not None else recipe
+    if stages is None:
+        stages = [{"name": "main"}]
+    elif recipe:
+        raise ValueError(f"Recipe {path}: with 'stages', put shared fields under 'common' (found {sorted(recipe)}).")
+    parsed = []
+    for stage in stages:
+        stage = dict(stage)
+        name = stage.pop("name", f"stage{len(parsed) + 1}")
+        values = _merge(common, stage)
+        for item in overrides:
+            key, _, raw = item.partition("=")
+            if not _:
+                raise ValueError(f"Override {item!r} must look like key=value.")
+            _set_dotted(values, key.strip(), yaml.safe_load(raw))
+        if "output_dir" not in stage:
+            values["output_dir"] = str(Path(values.get("output_dir", "runs/hmt")) / name) if len(stages) > 1 else values.get("output_dir", "runs/hmt")
+        parsed.append((name, values))
+    outputs = {name: values["output_dir"] for name, values in parsed}
+    result = []
+    for name, values in parsed:
+        init = values.get("init_from")
+        if isinstance(init, str) and init.startswith("stage:"):
+            other = init.split(":", 1)[1]
+            if other not in outputs:
+                raise ValueError(f"Stage {name!r} starts from unknown stage {other!r}.")
+            values["init_from"] = str(Path(outputs[other]) / "final")
+        result.append((name, TrainConfig.from_dict(values)))
+    return result
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(values: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        values = values.setdefault(part, {})
+    values[last] = value
+
+
+# =========================================================================== model
+def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HMT:
+    """The HMT to train: backbone (+ LoRA), HMT config, start checkpoint, trainable parameters."""
+    if backbone is None:
+        backbone, _ = bb.load_backbone(config.backbone)
+    hmt_overrides = dict(config.hmt)
+    if config.init_from:
+        read_meta(config.init_from)  # a clear error before anything loads
+        model = HMT.from_pretrained(backbone, config.init_from, **hmt_overrides)
+        backbone = model.backbone
+    else:
+        model = None
+    if config.trainable == "lora" and bb.unwrap(backbone) is backbone:
+        from peft import LoraConfig, get_peft_model
+
+        target = config.lora_target_modules
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=target if isinstance(target, str) else list(target))
+        backbone = get_peft_model(backbone, lora)
+        model = None if model is None else _rewrap(model, backbone)
+    if model is None:
+        model = HMT(backbone, config.hmt_config())
+    set_trainable(model, config)
+    return model
+
+
+def _rewrap(model: HMT, backbone: nn.Module) -> HMT:
+    fresh = HMT(backbone, model.config)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, strict=False)
+    return fresh
+
+
+def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
+    """Freeze everything, then unfreeze what this run trains; returns the trained names."""
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if name.startswith("backbone."):
+            if config.trainable == "full" or (config.trainable == "lora" and "lora_" in name):
+                param.requires_grad_(True)
+        elif config.use_memory:
+            retrieval_only = name.startswith("representation_encoder.") or name.startswith("memory_search.query") or name.startswith("memory_search.key")
+            # Stage 1 (no retrieval) never uses T, W_q, W_k: leave them frozen (DDP needs every trained parameter used).
+            param.requires_grad_(model.config.use_retrieval or not retrieval_only)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trained:
+        raise ValueError("Nothing to train: use_memory=False with trainable='memory' leaves no parameter trainable.")
+    return trained
+
+
+# =========================================================================== data
+def build_data(config: TrainConfig, tokenizer):
+    """Training windows and validation documents from ``config.data``."""
+    from . import data as hdata
+
+    corpus = hdata.TokenizedCorpus.from_source(config.data, tokenizer, progress=config.progress, **config.data_options)
+    train_docs = corpus.split("train", config.split_fractions, seed=config.split_seed)
+    val_docs = corpus.split("validation", config.split_fractions, seed=config.split_seed)
+    train = hdata.WindowDataset(corpus, train_docs, window=config.window, stride=config.window_stride)
+    if len(train) == 0:
+        raise ValueError(f"{config.data}: no training document holds a full window of {config.window} tokens.")
+    val = [corpus.document(i)[: config.eval_max_tokens] for i in val_docs[: config.eval_documents]]
+    return train, val
+
+
+# =========================================================================== schedule
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.decay == "step":
+            return config.decay_gamma ** ((step - config.warmup_steps) // config.decay_every)
+        if config.decay == "cosine":
+            progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def batch_order(num_items: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Item indices of the global batch at ``step``: epochs of seeded permutations, deterministic."""
+    out = []
+    start = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), num_items)
+        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(global_batch - len(out), num_items - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return out
+
+
+# =========================================================================== evaluation
+@torch.no_grad()
+def evaluate_documents(model: HMT, documents: Sequence, use_memory: bool = True, accelerator=None) -> dict:
+    """Token-weighted perplexity over whole documents, every token scored once."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    for doc in list(documents)[rank::world]:
+        ids = torch.as_tensor(doc, dtype=torch.long, device=device).view(1, -1)
+        out = model(ids, labels=ids, use_memory=use_memory, memory_state=model.new_memory(1), return_logits=False)
+        nll += out.nll_sum.sum().double()
+        count += out.num_tokens.sum().double()
+    if accelerator is not None and world > 1:
+        nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+    model.train(was_training)
+    loss = float(nll / count.clamp(min=1))
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": int(count)}
+
+
+# =========================================================================== training
+@dataclass
+class TrainResult:
+    steps: int
+    final_dir: Optional[str]
+    history: list = field(default_factory=list)
+    eval: Optional[dict] = None
+    interrupted: bool = False
+
+
+def train(
+    config: TrainConfig,
+    *,
+    backbone: Optional[nn.Module] = None,
+    tokenizer=None,
+    train_data=None,
+    eval_data: Optional[Sequence] = None,
+    resume: bool = True,
+    stop_after: Optional[int] = None,
+) -> TrainResult:
+    """Train one stage.
+
+    Args:
+        config: the run.
+        backbone, tokenizer: use these instead of loading ``config.backbone``.
+        train_data: a dataset of ``{"input_ids", "labels"[, "attention_mask"]}`` items
+            instead of ``config.data`` (eval_data: token arrays of validation documents).
+        resume: continue from ``output_dir/checkpoint`` when it exists.
+        stop_after: stop (with a checkpoint) after this many steps of this call, as if
+            interrupted: for tests of exact resume.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    # Several processes without a GPU (torchrun / accelerate launch --multi_gpu on a CPU
+    # machine): accelerate uses gloo only when told the run is on the CPU.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=cpu_ddp)
+    set_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    if backbone is None:
+        backbone, loaded_tokenizer = bb.load_backbone(config.backbone)
+        tokenizer = tokenizer or loaded_tokenizer
+    if train_data is None:
+        with accelerator.main_process_first():
+            train_data, eval_data = build_data(config, tokenizer)
+    model = build_model(config, backbone).to(accelerator.device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    start_step = 0
+    checkpoint_dir = out_dir / "checkpoint"
+    if resume and (checkpoint_dir / STATE_NAME).is_file():
+        start_step = _load_training_state(checkpoint_dir, model, optimizer, scheduler, config)
+        accelerator.print(f"[hmt] resumed from {checkpoint_dir} at step {start_step}")
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+    from tqdm.auto import tqdm
+
+    from .data import pad_collate
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = config.batch_size * config.grad_accum * world
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    history, eval_result, interrupted = [], None, False
+    metrics_path = out_dir / "metrics.jsonl"
+    writer = _tensorboard(out_dir, config) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+    bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process), desc="train")
+    step = start_step
+    tokens_seen, started = 0, time.perf_counter()
+    try:
+        while step < config.steps:
+            if stop_after is not None and step - start_step >= stop_after:
+                interrupted = True
+                break
+            order = batch_order(len(train_data), step, global_batch, config.seed)
+            losses = []
+            for micro in range(config.grad_accum):
+                base = micro * config.batch_size * world + rank * config.batch_size
+                items = [train_data[i] for i in order[base : base + config.batch_size]]
+                batch = {k: v.to(accelerator.device) for k, v in pad_collate(items, pad_id).items()}
+                with accelerator.autocast():
+                    out = wrapped(
+                        batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        use_memory=config.use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
+                        return_logits=False, detach_every=config.bptt_depth,
+                        checkpoint_segments=config.gradient_checkpointing,
+                    )
+                loss = out.loss / config.grad_accum
+                if config.grad_accum > 1 and micro < config.grad_accum - 1:
+                    with accelerator.no_sync(wrapped):
+                        accelerator.backward(loss)
+                else:
+                    accelerator.backward(loss)
+                losses.append(out.loss.detach())
+                tokens_seen += int(out.num_tokens.sum()) * world
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
+            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens_seen / (time.perf_counter() - started)}
+            if eval_data and (step % config.eval_every == 0 or step == config.steps):
+                eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator)
+                record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
+            if accelerator.is_main_process and (step % config.log_every == 0 or "val_ppl" in record or step == config.steps):
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, value, step)
+            if step % config.save_every == 0 and step < config.steps:
+                _save_training_state(checkpoint_dir, model, optimizer, scheduler, step, config, accelerator)
+    except KeyboardInterrupt:
+        interrupted = True
+        accelerator.print(f"\n[hmt] interrupted at step {step}: saving a checkpoint to resume from")
+    finally:
+        bar.close()
+    if interrupted:
+        _save_training_state(checkpoint_dir, model, optimizer, scheduler, step, config, accelerator)
+        return TrainResult(steps=step, final_dir=None, history=history, eval=eval_result, interrupted=True)
+    final_dir = out_dir / "final"
+    if accelerator.is_main_process:
+        model.save_pretrained(final_dir, trained_backbone=_trained_kind(config))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if writer is not None:
+        writer.close()
+    return TrainResult(steps=step, final_dir=str(final_dir), history=history, eval=eval_result)
+
+
+def _trained_kind(config: TrainConfig) -> str:
+    return {"memory": "none", "lora": "lora", "full": "full"}[config.trainable]
+
+
+def _tensorboard(out_dir: Path, config: TrainConfig):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("tensorboard: true needs the tensorboard package: pip install tensorboard") from err
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step: int, config: TrainConfig, accelerator) -> None:
+    """Write everything a resumed run needs, atomically (a crash leaves the previous checkpoint)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.with_name(f".{directory.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        state = {
+            "step": step,
+            "identity": json.dumps(config.identity(), sort_keys=True),
+            "trained": trained,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, staging / STATE_NAME)
+        _replace_dir(staging, directory)
+    accelerator.wait_for_everyone()
+
+
+def _load_training_state(directory: Path, model: HMT, optimizer, scheduler, config: TrainConfig) -> int:
+    path = directory / STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise ValueError(f"Training checkpoint {path} is corrupt ({err}). Delete {directory} to start over.") from err
+    if state.get("identity") != json.dumps(config.identity(), sort_keys=True):
+        saved = json.loads(state.get("identity", "{}"))
+        diff = sorted(k for k in set(saved) | set(config.identity()) if saved.get(k) != config.identity().get(k))
+        raise ValueError(
+            f"{directory} belongs to a different run (fields {diff} differ). Use another output_dir, "
+            "restore those settings, or delete the checkpoint to start over."
+        )
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trained"].items():
+            if name not in named:
+                raise ValueError(f"Training checkpoint {path} has parameter {name!r} that this model lacks.")
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+def run_recipe(path: str, stages: Optional[Sequence[str]] = None, overrides: Sequence[str] = (), resume: bool = True) -> list[TrainResult]:
+    """Run a recipe's stages in order (or only ``stages``)."""
+    results = []
+    for name, config in load_recipe(path, overrides):
+        if stages and name not in stages:
+            continue
+        if (Path(config.output_dir) / "final" / "hmt_config.json").is_file() and not stages:
+            print(f"[hmt] stage {name}: {config.output_dir}/final exists, skipping (pass --stage {name} to rerun)")
+            continue
+        print(f"[hmt] stage {name} -> {config.output_dir}")
+        result = train(config, resume=resume)
+        results.append(result)
+        if result.interrupted:
+            break
+    return results
+
+
+def fields_help() -> str:
+    lines = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}".rstrip(": "))
+    return "\n".join(lines)

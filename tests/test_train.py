@@ -1,0 +1,156 @@
+"""The trainer: learning, exact resume (also after Ctrl-C), checkpoints, recipes, several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hmt import HMT
+from hmt.train import TrainConfig, batch_order, build_model, load_recipe, train
+
+from .helpers.tiny_training import PatternWindows, eval_documents, tiny_backbone, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(config, **kwargs):
+    return train(config, backbone=tiny_backbone(), train_data=PatternWindows(), eval_data=eval_documents(), **kwargs)
+
+
+def _weights(result):
+    return load_file(str(Path(result.final_dir) / "hmt_weights.safetensors"))
+
+
+def test_training_learns_and_writes_artifacts(tmp_path):
+    result = _run(tiny_config(tmp_path, steps=12, eval_every=12))
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    full = _run(tiny_config(tmp_path / "full", steps=12, eval_every=12, trainable="full", lr=1e-2, decay="constant"))
+    assert full.history[-1]["loss"] < 0.6 * full.history[0]["loss"]  # 8 of 128 tokens in use: easy to learn
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert "val_ppl" in metrics[-1] and metrics[-1]["val_ppl"] == pytest.approx(result.eval["ppl"])
+    names = set(_weights(result))
+    assert any(n.startswith("lora.") for n in names) and any(n.startswith("hmt.memory_search") for n in names)
+    assert not any(n.startswith("backbone.") for n in names)
+    assert not (tmp_path / "checkpoint").exists()  # removed once the final model is written
+    restored = HMT.from_pretrained(tiny_backbone(), result.final_dir)
+    assert restored.config.segment_length == 8
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    whole = _run(tiny_config(tmp_path / "whole"))
+    part = _run(tiny_config(tmp_path / "split"), stop_after=3)
+    assert part.interrupted and part.steps == 3
+    state = torch.load(tmp_path / "split" / "checkpoint" / "training_state.pt", weights_only=True)
+    assert state["step"] == 3
+    rest = _run(tiny_config(tmp_path / "split"))
+    assert [r["loss"] for r in part.history + rest.history] == [r["loss"] for r in whole.history]
+    for name, value in _weights(whole).items():
+        assert torch.equal(value, _weights(rest)[name]), name
+
+
+class InterruptingWindows(PatternWindows):
+    """Raises KeyboardInterrupt (as Ctrl-C would) on the n-th item access."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def __getitem__(self, index):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return super().__getitem__(index)
+
+
+def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
+    whole = _run(tiny_config(tmp_path / "whole", save_every=100))
+    config = tiny_config(tmp_path / "cut", save_every=100)
+    cut = train(config, backbone=tiny_backbone(), train_data=InterruptingWindows(at=2 * 4 + 1),
+                eval_data=eval_documents())
+    assert cut.interrupted and cut.steps == 4
+    rest = _run(config)
+    assert [r["loss"] for r in cut.history + rest.history] == [r["loss"] for r in whole.history]
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    _run(tiny_config(tmp_path), stop_after=2)
+    with pytest.raises(ValueError, match="different run.*lr|different run.*batch_size"):
+        _run(tiny_config(tmp_path, batch_size=1))
+    (tmp_path / "checkpoint" / "training_state.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        _run(tiny_config(tmp_path))
+
+
+def test_stage_two_starts_from_stage_one(tmp_path):
+    stage1 = _run(tiny_config(tmp_path / "s1", hmt=dict(segment_length=8, sensory_memory_size=2, use_retrieval=False), steps=2))
+    trained1 = build_model(tiny_config(tmp_path / "x", hmt=dict(segment_length=8, sensory_memory_size=2, use_retrieval=False)), tiny_backbone())
+    names1 = {n for n, p in trained1.named_parameters() if p.requires_grad}
+    assert "memory_search.initial_memory" in names1 and "memory_search.query.weight" not in names1
+    config2 = tiny_config(tmp_path / "s2", init_from=stage1.final_dir,
+                          hmt=dict(segment_length=8, sensory_memory_size=2, use_retrieval=True), steps=2)
+    model2 = build_model(config2, tiny_backbone())
+    saved = _weights(stage1)
+    torch.testing.assert_close(model2.memory_search.initial_memory.detach(), saved["hmt.memory_search.initial_memory"])
+    lora = {k: v for k, v in model2.state_dict().items() if "lora_B" in k}
+    assert lora and all(v.abs().sum() > 0 for v in lora.values())  # stage-1 LoRA carried over (it starts at zero)
+    assert model2.config.use_retrieval and model2.memory_search.query.weight.requires_grad
+
+
+def test_baseline_trains_the_backbone_without_memory(tmp_path):
+    result = _run(tiny_config(tmp_path, use_memory=False, steps=2))
+    assert result.history[-1]["val_ppl"] > 0
+    with pytest.raises(ValueError, match="Nothing to train"):
+        build_model(tiny_config(tmp_path, use_memory=False, trainable="memory"), tiny_backbone())
+
+
+def test_recipe_stages_and_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "common:\n  output_dir: OUT\n  hmt: {segment_length: 16, sensory_memory_size: 4}\n  steps: 5\n"
+        "stages:\n  - name: stage1\n    hmt: {use_retrieval: false}\n    segments_per_window: 2\n"
+        "  - name: stage2\n    init_from: stage:stage1\n    segments_per_window: 15\n".replace("OUT", str(tmp_path / "run"))
+    )
+    (name1, s1), (name2, s2) = load_recipe(recipe, overrides=["steps=7", "hmt.num_memory_embeddings=9"])
+    assert (name1, name2) == ("stage1", "stage2")
+    assert s1.hmt == {"segment_length": 16, "sensory_memory_size": 4, "use_retrieval": False, "num_memory_embeddings": 9}
+    assert s2.init_from == str(tmp_path / "run" / "stage1" / "final") and s2.steps == 7 and s2.window == 15 * 16
+    with pytest.raises(ValueError, match="Unknown training fields"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="representation_length"):
+        TrainConfig(hmt={"segment_length": 8, "representation_length": 9, "sensory_memory_size": 2})
+
+
+def test_batch_order_is_deterministic_epochs():
+    first = [batch_order(10, step, 4, seed=1) for step in range(5)]
+    assert first == [batch_order(10, step, 4, seed=1) for step in range(5)]
+    flat = sum(first, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    accelerate = pytest.importorskip("accelerate")  # noqa: F841
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run([sys.executable, "-m", "tests.helpers.ddp_worker", str(tmp_path / "one"), "2"], **common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tests.helpers.ddp_worker", str(tmp_path / "two"), "1"],
+        **common,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = lambda out: [line for line in out.stdout.splitlines() if line.startswith("LOSSES")][0]  # noqa: E731
+    one_losses, two_losses = eval(losses(one)[7:]), eval(losses(two)[7:])
+    assert one_losses == pytest.approx(two_losses, rel=1e-4, abs=1e-5)
+    w1 = load_file(str(tmp_path / "one" / "final" / "hmt_weights.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "final" / "hmt_weights.safetensors"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
