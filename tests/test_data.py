@@ -388,3 +388,13 @@ def test_real_offline_corpora(name, count):
     if name == "kjv":
         assert docs[0].name == "Genesis" and docs[-1].name == "Revelation"
         assert "In the beginning God created the heaven and the earth." in docs[0].text
+
+
+def test_mixture_of_builtin_and_local_sources(tmp_path):
+    from hmt.data import iter_documents, source_identity
+
+    (tmp_path / "notes.txt").write_text("local text")
+    docs = list(iter_documents(["python-stdlib", str(tmp_path / "notes.txt")]))
+    assert all(d.name.startswith("python-stdlib/") for d in docs[:-1]) and len(docs) > 100
+    assert docs[-1].name == f"{tmp_path / 'notes.txt'}/notes.txt" and docs[-1].text == "local text"
+    assert source_identity(["python-stdlib", str(tmp_path / "notes.txt")]).startswith("mix:python-stdlib:")

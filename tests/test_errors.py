@@ -96,3 +96,11 @@ def test_config_json_roundtrip(tmp_path):
     (tmp_path / "hmt_config.json").write_text("{truncated")
     with pytest.raises(ValueError, match="corrupt"):
         HMTConfig.load(tmp_path)
+
+
+def test_memory_off_ignores_the_stateful_batch_size(model):
+    model.clear_memory()
+    with torch.no_grad():
+        model(torch.full((1, 4), 5))
+        assert model(torch.full((2, 4), 5), use_memory=False).logits.shape[0] == 2
+    assert model.memory_state.batch_size == 1

@@ -152,7 +152,12 @@ def iter_documents(
         ValueError: an unknown source form.
         ImportError / RuntimeError: an unavailable optional source, with what to do.
     """
-    docs = _documents(source, text_field, name_field, pattern)  # bad paths fail here, not on first next()
+    if _is_mixture(source):  # several corpora: chain them, names prefixed by their source
+        parts = [(str(part), iter_documents(part, text_field=text_field, name_field=name_field, pattern=pattern,
+                                            min_chars=min_chars)) for part in source]
+        docs = (Document(f"{label}/{doc.name}", doc.text) for label, part in parts for doc in part)
+    else:
+        docs = _documents(source, text_field, name_field, pattern)  # bad paths fail here, not on first next()
 
     def generate() -> Iterator[Document]:
         if limit is not None and limit <= 0:
@@ -177,6 +182,8 @@ def source_identity(source: Union[PathLike, Sequence[PathLike]], **options) -> s
     spec only (delete the token cache if the hub copy changes).
     """
     opts = json.dumps(options, sort_keys=True, default=str)
+    if _is_mixture(source):
+        return "mix:" + ";".join(source_identity(part, **options) for part in source)
     kind, value = _classify(source)
     if kind == "builtin":
         if value == "python-stdlib":
@@ -195,6 +202,13 @@ def source_identity(source: Union[PathLike, Sequence[PathLike]], **options) -> s
             listing.append((rel, st.st_size, st.st_mtime_ns))
         ident = f"files:{_digest(json.dumps(listing))}"
     return f"{ident}|{opts}"
+
+
+def _is_mixture(source) -> bool:
+    """A list naming a builtin corpus or a HF data set (lists of plain paths are one source)."""
+    return isinstance(source, (list, tuple)) and any(
+        isinstance(part, str) and (part.lower() in BUILTIN_CORPORA or part.startswith("hf:")) for part in source
+    )
 
 
 def _documents(source, text_field, name_field, pattern) -> Iterator[Document]:

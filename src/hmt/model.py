@@ -236,7 +236,9 @@ class HMT(nn.Module):
         B = ids.shape[0]
         explicit = memory_state is not None
         state = memory_state if explicit else self._state
-        if state is None:
+        if not use_memory:
+            pass  # the plain backbone: the memory is neither read nor written
+        elif state is None:
             state = self.new_memory(B)
         elif state.batch_size != B:
             raise ValueError(
