@@ -86,6 +86,13 @@ def final_hidden(
     return out.last_hidden_state
 
 
+def cache_argument(stack: nn.Module) -> str:
+    """The decoder's KV-cache argument: ``cache`` in transformers 5.x, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(stack.forward).parameters else "past_key_values"
+
+
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The backbone's LM head on ``hidden (..., d)`` -> ``(..., vocab)``."""
     inner = unwrap(model)

@@ -44,6 +44,10 @@ class MemoryState:
             previous segment.
         sensory_lengths: ``(B,)`` long, how many of ``sensory_ids`` are real.
         segments_seen: ``(B,)`` long, segments closed so far in each stream.
+        pending_ids: ``(B, L)`` long, left-aligned tokens of a segment that is open (read
+            but not yet closed): generation leaves its last segment open so that a stream
+            continues exactly; the next call reads these first.
+        pending_lengths: ``(B,)`` long, how many of ``pending_ids`` are real.
     """
 
     cache: torch.Tensor
@@ -52,6 +56,8 @@ class MemoryState:
     sensory_ids: torch.Tensor
     sensory_lengths: torch.Tensor
     segments_seen: torch.Tensor
+    pending_ids: torch.Tensor
+    pending_lengths: torch.Tensor
 
     @classmethod
     def empty(
@@ -71,6 +77,8 @@ class MemoryState:
             sensory_ids=torch.zeros(batch_size, k, **long),
             sensory_lengths=torch.zeros(batch_size, **long),
             segments_seen=torch.zeros(batch_size, **long),
+            pending_ids=torch.zeros(batch_size, config.segment_length, **long),
+            pending_lengths=torch.zeros(batch_size, **long),
         )
 
     # ------------------------------------------------------------------ views
@@ -181,6 +189,12 @@ class MemoryState:
             sensory_lengths=torch.where(update, keep, self.sensory_lengths),
         )
 
+    def with_pending(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> "MemoryState":
+        """Set the open segment's tokens: ``token_ids (B, <=L)``, ``lengths (B,)`` real each."""
+        B, width = token_ids.shape
+        pending = F.pad(token_ids, (0, self.pending_ids.shape[1] - width)) if width else torch.zeros_like(self.pending_ids)
+        return replace(self, pending_ids=pending.to(self.pending_ids), pending_lengths=lengths.to(self.pending_lengths))
+
     # ------------------------------------------------------------------ files
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name).detach().contiguous().cpu() for f in fields(self)}
@@ -206,7 +220,9 @@ class MemoryState:
                 problems.append(f"{name} has shape {tuple(getattr(self, name).shape)}")
         if self.sensory_ids.dim() != 2 or self.sensory_ids.shape[0] != B:
             problems.append(f"sensory_ids has shape {tuple(self.sensory_ids.shape)}")
-        for name in ("sensory_lengths", "segments_seen"):
+        if self.pending_ids.dim() != 2 or self.pending_ids.shape[0] != B:
+            problems.append(f"pending_ids has shape {tuple(self.pending_ids.shape)}")
+        for name in ("sensory_lengths", "segments_seen", "pending_lengths"):
             if tuple(getattr(self, name).shape) != (B,):
                 problems.append(f"{name} has shape {tuple(getattr(self, name).shape)}")
         if self.cache_mask.dtype != torch.bool:
@@ -218,6 +234,8 @@ class MemoryState:
                 problems.append(
                     f"sensory width {self.sensory_ids.shape[1]} != sensory_memory_size {config.sensory_memory_size}"
                 )
+            if self.pending_ids.shape[1] != config.segment_length:
+                problems.append(f"pending width {self.pending_ids.shape[1]} != segment_length {config.segment_length}")
             if self.cache.shape[1] > config.num_memory_embeddings:
                 problems.append(f"{self.cache.shape[1]} cached memories > num_memory_embeddings")
         if problems:

@@ -167,6 +167,7 @@ class HMT(nn.Module):
             "segments_processed": max(state.segments_seen.tolist(), default=0) if state is not None else 0,
             "batch_size": state.batch_size if state is not None else 0,
             "cache_sizes": cache_sizes,
+            "pending_tokens": max(state.pending_lengths.tolist(), default=0) if state is not None else 0,
         }
 
     def new_memory(self, batch_size: int) -> MemoryState:
@@ -194,6 +195,38 @@ class HMT(nn.Module):
         from . import checkpoint
 
         return checkpoint.load(cls, backbone, directory, **config_overrides)
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input_ids: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        generation_config=None,
+        memory_state: Optional[MemoryState] = None,
+        streamer=None,
+        generator: Optional[torch.Generator] = None,
+        **kwargs,
+    ):
+        """Generate with memory; prompts of any length, outputs of any length.
+
+        Args:
+            input_ids: ``(B, T)`` prompts (pad on the left for a batch of different lengths,
+                with ``attention_mask``); each row is its own stream. None continues the
+                streams of ``memory_state`` (or the stateful memory) where they stopped.
+            generation_config: a ``transformers.GenerationConfig``; keyword arguments
+                (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+                ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``) override it.
+            memory_state: start from this memory; None: the stateful memory (updated).
+            streamer: e.g. ``transformers.TextStreamer`` (batch of one).
+            generator: a ``torch.Generator`` for reproducible sampling.
+
+        Returns:
+            :class:`hmt.generation.GenerateOutput` with ``sequences (B, T + new)`` and the
+            ``memory_state`` after the last token (its last segment left open).
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, generation_config, memory_state, streamer, generator, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -248,6 +281,13 @@ class HMT(nn.Module):
         else:
             state.validate(self.config)
 
+        new_mask, prefix = mask, None
+        if use_memory and bool(state.pending_lengths.any()):
+            # An open segment (left by generate) continues: its tokens are read first.
+            ids, mask, labels, prefix = self._prepend_pending(state, ids, labels, lengths)
+            lengths = [p + n for p, n in zip(prefix, lengths)]
+            state = dataclasses.replace(state, pending_lengths=torch.zeros_like(state.pending_lengths))
+
         L = self.config.segment_length
         targets = None
         if labels is not None:  # position t is scored against token t + 1
@@ -284,7 +324,10 @@ class HMT(nn.Module):
             out.retrieval_weights, out.retrieved_segments = weights, owners
             out.memory_embeddings = torch.stack(memories, dim=1)
         if return_logits:
-            out.logits = self._restore_positions(torch.cat(logits, dim=1), mask, starts)
+            logits = torch.cat(logits, dim=1)
+            if prefix is not None:  # drop the open segment's positions
+                logits = gather_rows(logits, prefix, new_mask.shape[1])
+            out.logits = self._restore_positions(logits, new_mask, starts)
         if targets is not None:
             out.segment_nll, out.segment_tokens = torch.stack(seg_nll, 1), torch.stack(seg_count, 1)
             out.nll_sum, out.num_tokens = out.segment_nll.sum(1), out.segment_tokens.sum(1)
@@ -346,6 +389,23 @@ class HMT(nn.Module):
         B, width = seg_ids.shape
         packed = pack_rows([(self.embedding_layer(seg_ids), seg_lens)])
         return run_packed(self.backbone, packed)[:, :width]
+
+    @staticmethod
+    def _prepend_pending(state: MemoryState, ids, labels, lengths):
+        """Left-aligned ``[pending | ids]`` per row (and labels, -100 on pending positions)."""
+        prefix = state.pending_lengths.tolist()
+        B = ids.shape[0]
+        width = max(p + n for p, n in zip(prefix, lengths))
+        joined = ids.new_zeros(B, width)
+        joined_labels = ids.new_full((B, width), IGNORE_INDEX) if labels is not None else None
+        for row, (p, n) in enumerate(zip(prefix, lengths)):
+            joined[row, :p] = state.pending_ids[row, :p]
+            joined[row, p : p + n] = ids[row, :n]
+            if labels is not None:
+                joined_labels[row, p : p + n] = labels[row, :n]
+        mask = (torch.arange(width, device=ids.device).view(1, width) < torch.as_tensor(
+            [p + n for p, n in zip(prefix, lengths)], device=ids.device).view(B, 1)).long()
+        return joined, mask, joined_labels, prefix
 
     # ------------------------------------------------------------------ inputs
     def _check_inputs(self, input_ids, attention_mask, labels):
