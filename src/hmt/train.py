@@ -65,6 +65,7 @@ class TrainConfig:
     window_stride: Optional[int] = field(default=None, metadata={"help": "Tokens between window starts (default: a window)."})
     eval_documents: int = field(default=4, metadata={"help": "Validation documents scored at each evaluation."})
     eval_max_tokens: int = field(default=4096, metadata={"help": "Tokens scored per validation document (its start)."})
+    eval_min_tokens: int = field(default=0, metadata={"help": "Score only validation documents at least this long."})
     # --- optimisation
     steps: int = 100
     batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step."})
@@ -246,7 +247,13 @@ def build_data(config: TrainConfig, tokenizer):
     train = hdata.WindowDataset(corpus, train_docs, window=config.window, stride=config.window_stride)
     if len(train) == 0:
         raise ValueError(f"{config.data}: no training document holds a full window of {config.window} tokens.")
-    val = [corpus.document(i)[: config.eval_max_tokens] for i in val_docs[: config.eval_documents]]
+    val_docs = [i for i in val_docs if len(corpus.document(i)) >= config.eval_min_tokens]
+    if not val_docs:
+        raise ValueError(f"{config.data}: no validation document has {config.eval_min_tokens} tokens; lower eval_min_tokens.")
+    # Spread the scored documents over the split (a mixture lists its sources in order).
+    count = min(config.eval_documents, len(val_docs))
+    chosen = [val_docs[i * len(val_docs) // count] for i in range(count)]
+    val = [corpus.document(i)[: config.eval_max_tokens] for i in chosen]
     return train, val
 
 
