@@ -131,3 +131,19 @@ def test_stateful_generation_then_reading_continues_the_stream():
         continued = model(follow).logits
         whole = model(torch.cat([out.sequences, follow], 1), memory_state=model.new_memory(1)).logits
     torch.testing.assert_close(continued, whole[:, -5:], atol=2e-5, rtol=1e-4)
+
+
+def test_fast_decoding_searches_once_per_segment():
+    model = build("llama")
+    ids = prompt(13, seed=10)
+    calls = []
+    original = model.read_memory
+    model.read_memory = lambda *a, **k: calls.append(1) or original(*a, **k)
+    fast = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=3 * L, exact_retrieval=False)
+    fast_calls, calls[:] = len(calls), []
+    exact = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=3 * L)
+    # prompt: 1 segment closed by forward + the open one; decoding opens 3 more: one search each
+    assert fast_calls == 1 + 1 + 3
+    assert len(calls) > fast_calls  # exact mode searches again while a new segment has < j tokens
+    assert fast.sequences.shape == exact.sequences.shape
+    assert torch.equal(fast.sequences[:, : 13 + (L - 5)], exact.sequences[:, : 13 + (L - 5)])  # same until the first new segment

@@ -11,6 +11,10 @@ representation encoding). While the open segment holds fewer than j tokens, P_n 
 with every new token, so the augmented prefix is recomputed at each step; from the j-th
 token on P_n is final and decoding is KV-cached. The result equals, token for token,
 running a full :meth:`HMT.forward` over prompt + generated tokens and taking the argmax.
+
+``exact_retrieval=False`` trades that equality for speed: each segment opened while
+decoding searches the cache once, queried with the latest tokens available (the sensory
+tokens and what the segment holds), and the whole segment decodes from the KV cache.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ class GenerateOutput:
 class _Stream:
     """One row's decoding state: closed-segment memory plus the open segment."""
 
-    def __init__(self, model: "HMT", state: MemoryState, open_ids: list[int]):
-        self.model, self.state, self.open_ids = model, state, list(open_ids)
+    def __init__(self, model: "HMT", state: MemoryState, open_ids: list[int], exact: bool = True):
+        self.model, self.state, self.open_ids, self.exact = model, state, list(open_ids), exact
         self.kv = None  # backbone KV cache over [P_n | sensory | E_open] once P_n is final
         self.recalled: Optional[torch.Tensor] = None  # (1, d) final P_n
         self.logits = self._reopen()  # (V,) predicting the next token
@@ -51,7 +55,7 @@ class _Stream:
     def _p_is_final(self) -> bool:
         config, state = self.model.config, self.state
         empty = state.cache.shape[1] == 0 or not bool(state.cache_mask.any())
-        return empty or not config.use_retrieval or len(self.open_ids) >= config.representation_length
+        return empty or not config.use_retrieval or not self.exact or len(self.open_ids) >= config.representation_length
 
     def _reopen(self) -> torch.Tensor:
         """Run ``[P_n | sensory | E_open]`` from scratch; keep its KV cache if P_n is final."""
@@ -59,7 +63,12 @@ class _Stream:
         device = model.embedding_layer.weight.device
         ids = torch.tensor([self.open_ids], dtype=torch.long, device=device)
         embeds = model.embedding_layer(ids)
-        recalled, _ = model.read_memory(self.state, embeds, [len(self.open_ids)])
+        query = ids
+        if not self.exact and len(self.open_ids) < model.config.representation_length:
+            # one search per segment: query with the latest tokens there are (sensory + open)
+            sensory_ids = self.state.sensory_ids[:, : int(self.state.sensory_lengths[0])]
+            query = torch.cat([sensory_ids, ids], dim=1)[:, -model.config.representation_length :]
+        recalled, _ = model.read_memory(self.state, model.embedding_layer(query), [query.shape[1]])
         sensory, sensory_lens = model.sensory_embeds(self.state)
         memory_token = recalled.unsqueeze(1).to(embeds.dtype)
         packed = pack_rows([(memory_token, [1]), (sensory[:, : sensory_lens[0]], sensory_lens), (embeds, [ids.shape[1]])])
@@ -144,6 +153,7 @@ def generate(
     memory_state: Optional[MemoryState] = None,
     streamer=None,
     generator: Optional[torch.Generator] = None,
+    exact_retrieval: bool = True,
     **kwargs,
 ) -> GenerateOutput:
     from transformers import GenerationConfig
@@ -191,7 +201,7 @@ def generate(
         closed = (len(tokens) - 1) // L * L  # every segment but the last closes now
         if closed:
             row_state = model(tokens[None, :closed], memory_state=row_state, return_logits=False).memory_state
-        streams.append(_Stream(model, row_state, tokens[closed:].tolist()))
+        streams.append(_Stream(model, row_state, tokens[closed:].tolist(), exact_retrieval))
     if streamer is not None and lengths[0]:
         streamer.put(ids[:, : lengths[0]].cpu())
 

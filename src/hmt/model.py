@@ -205,6 +205,7 @@ class HMT(nn.Module):
         memory_state: Optional[MemoryState] = None,
         streamer=None,
         generator: Optional[torch.Generator] = None,
+        exact_retrieval: bool = True,
         **kwargs,
     ):
         """Generate with memory; prompts of any length, outputs of any length.
@@ -219,6 +220,10 @@ class HMT(nn.Module):
             memory_state: start from this memory; None: the stateful memory (updated).
             streamer: e.g. ``transformers.TextStreamer`` (batch of one).
             generator: a ``torch.Generator`` for reproducible sampling.
+            exact_retrieval: True (default): tokens equal the argmax of full forwards; the
+                first j tokens of a segment opened while decoding recompute the segment
+                (its memory token depends on them). False: one search per segment,
+                KV-cached throughout (faster, no longer equal to a full forward).
 
         Returns:
             :class:`hmt.generation.GenerateOutput` with ``sequences (B, T + new)`` and the
@@ -226,7 +231,8 @@ class HMT(nn.Module):
         """
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask, generation_config, memory_state, streamer, generator, **kwargs)
+        return generate(self, input_ids, attention_mask, generation_config, memory_state, streamer, generator,
+                        exact_retrieval, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
