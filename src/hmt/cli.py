@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEFAULT_PROTOCOLS_TEXT = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
+
 
 def _train(args: argparse.Namespace) -> int:
     from .train import fields_help, run_recipe
@@ -113,6 +115,69 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import data as hdata
+    from . import evaluate as ev
+    from .backbone import load_backbone
+    from .config import HMTConfig
+    from .model import HMT
+
+    def fresh_backbone():
+        return load_backbone(args.backbone)
+
+    backbone, tokenizer = fresh_backbone()
+    if args.hmt:
+        hmt_model = HMT.from_pretrained(backbone, args.hmt).eval()
+        hmt_label = f"HMT checkpoint {args.hmt}"
+    else:
+        hmt_model = HMT(backbone, HMTConfig(segment_length=args.segment_length, sensory_memory_size=args.sensory)).eval()
+        hmt_label = "untrained HMT on the base backbone"
+    recurrence = None
+    recurrence_label = f"{hmt_label}, retrieval off"
+    if args.stage1:
+        recurrence = HMT.from_pretrained(fresh_backbone()[0], args.stage1, use_retrieval=False).eval()
+        recurrence_label = f"stage-1 checkpoint {args.stage1}"
+    baseline = None
+    baseline_label = "base backbone weights" if not args.hmt else "backbone weights of the HMT checkpoint"
+    if args.baseline:
+        baseline = HMT.from_pretrained(fresh_backbone()[0], args.baseline).backbone.eval()
+        baseline_label = f"baseline checkpoint {args.baseline} (fine-tuned without memory)"
+    corpus = hdata.TokenizedCorpus.from_source(args.data, tokenizer, progress=True)
+    indices = corpus.split(args.split, args.split_fractions) if args.split != "all" else list(range(corpus.num_documents))
+    indices = [i for i in indices if len(corpus.document(i)) >= args.min_tokens]
+    if not indices:
+        print(f"hmt eval: no {args.split} document of {args.data} has {args.min_tokens} tokens", file=sys.stderr)
+        return 2
+    count = min(args.documents, len(indices))
+    chosen = [indices[i * len(indices) // count] for i in range(count)]
+    import torch
+
+    documents = [(corpus.names[i], torch.as_tensor(corpus.document(i)[: args.max_tokens])) for i in chosen]
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    weights = {p: baseline_label for p in protocols if p in ("disjoint", "sensory") or p.startswith("sliding-")}
+    weights.update(hmt=hmt_label, recurrence=recurrence_label)
+    print(f"[hmt] {len(documents)} documents, {sum(len(d) for _, d in documents)} tokens: "
+          + ", ".join(name for name, _ in documents), file=sys.stderr)
+    results = ev.evaluate(documents, hmt_model=hmt_model, recurrence_model=recurrence, baseline_backbone=baseline,
+                          protocols=protocols, weights=weights)
+    print(ev.format_table(results))
+    if "sensory" in results and "hmt" in results and any(p.startswith("sliding-") for p in results):
+        sliding = next(results[p] for p in results if p.startswith("sliding-"))
+        gap = results["sensory"].ppl - sliding.ppl
+        if gap > 0:
+            print(f"HMT closes {100 * (results['sensory'].ppl - results['hmt'].ppl) / gap:.1f}% of the gap from "
+                  f"sensory ({results['sensory'].ppl:.3f}) to {sliding.protocol} ({sliding.ppl:.3f}).")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ev.save_results(results, out / "results.json", {"data": args.data, "split": args.split,
+                                                    "documents": [n for n, _ in documents]})
+    ev.plot_segment_ppl(results, out / "segment_ppl.png", hmt_model.config.segment_length)
+    print(f"[hmt] wrote {out / 'results.json'} and {out / 'segment_ppl.png'}", file=sys.stderr)
+    return 0
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="HF id or directory (default: SmolLM2-135M).")
     parser.add_argument("--checkpoint", default=None, help="HMT checkpoint directory (save_pretrained).")
@@ -143,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--file", default=None)
     _add_model_arguments(generate)
     generate.set_defaults(func=_generate)
+
+    evaluate = sub.add_parser("eval", help="Perplexity over long documents: HMT against baselines.")
+    evaluate.add_argument("--data", default="kjv", help="Source for hmt.data (path, glob, JSONL, kjv, python-docs, ...).")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    evaluate.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1])
+    evaluate.add_argument("--documents", type=int, default=4, help="How many documents (spread over the split).")
+    evaluate.add_argument("--min-tokens", type=int, default=8192)
+    evaluate.add_argument("--max-tokens", type=int, default=8192, help="Score the first this many tokens of each.")
+    evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT))
+    evaluate.add_argument("--backbone", default=None)
+    evaluate.add_argument("--hmt", default=None, help="HMT checkpoint (default: untrained HMT).")
+    evaluate.add_argument("--stage1", default=None, help="Stage-1 checkpoint for the recurrence protocol.")
+    evaluate.add_argument("--baseline", default=None, help="Checkpoint of the backbone fine-tuned without memory.")
+    evaluate.add_argument("--segment-length", type=int, default=256)
+    evaluate.add_argument("--sensory", type=int, default=32)
+    evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.set_defaults(func=_eval)
 
     chat = sub.add_parser("chat", help="Chat with memory; --memory-file remembers earlier conversations.")
     _add_model_arguments(chat)

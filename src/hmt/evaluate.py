@@ -1,0 +1,214 @@
+"""Long-document evaluation: HMT against honest baselines on the same text and weights.
+
+Every protocol scores every token of a document exactly once (token t against token
+t + 1, the first token unscored) and reports token-weighted perplexity, per document,
+overall and by segment index (blocks of L tokens, the same blocks for every protocol):
+
+==============  ==========================================================================
+``disjoint``    the backbone on disjoint L-token segments (the paper's baseline)
+``sensory``     the backbone on each segment prefixed by the last k tokens before it
+``sliding-W``   the backbone with a sliding window: each segment read with up to W tokens
+                of context (``sliding-2048``, and ``sliding-max`` = the backbone's maximum)
+``recurrence``  HMT's memory recurrence without retrieval (the stage-1 model, RMT-like)
+``hmt``         HMT
+==============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from . import backbone as bb
+from .model import HMT
+
+DEFAULT_PROTOCOLS = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
+
+
+@dataclass
+class ProtocolResult:
+    protocol: str
+    weights: str
+    nll: float = 0.0
+    tokens: int = 0
+    documents: dict = field(default_factory=dict)  # name -> {"nll", "tokens", "ppl"}
+    segment_nll: list = field(default_factory=list)  # by segment index, summed over documents
+    segment_tokens: list = field(default_factory=list)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / max(self.tokens, 1))
+
+    def segment_ppl(self) -> list[float]:
+        return [math.exp(n / c) if c else float("nan") for n, c in zip(self.segment_nll, self.segment_tokens)]
+
+    def add(self, name: str, segment_nll: Sequence[float], segment_tokens: Sequence[int]) -> None:
+        nll, tokens = float(sum(segment_nll)), int(sum(segment_tokens))
+        self.nll += nll
+        self.tokens += tokens
+        self.documents[name] = {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / max(tokens, 1))}
+        for i, (n, c) in enumerate(zip(segment_nll, segment_tokens)):
+            if i == len(self.segment_nll):
+                self.segment_nll.append(0.0)
+                self.segment_tokens.append(0)
+            self.segment_nll[i] += float(n)
+            self.segment_tokens[i] += int(c)
+
+    def to_dict(self) -> dict:
+        return {"protocol": self.protocol, "weights": self.weights, "ppl": self.ppl, "tokens": self.tokens,
+                "nll": self.nll, "documents": self.documents, "segment_ppl": self.segment_ppl(),
+                "segment_tokens": self.segment_tokens}
+
+
+@torch.no_grad()
+def score_with_context(backbone, ids: torch.Tensor, segment_length: int, context: int) -> tuple[list[float], list[int]]:
+    """The backbone on each L-token segment with up to ``context`` tokens before it.
+
+    ``context=0`` gives disjoint segments, ``k`` the sensory-prefix protocol, ``W - L`` a
+    sliding window of W. Returns NLL sums and token counts per segment.
+    """
+    device = bb.unwrap(backbone).get_input_embeddings().weight.device
+    ids = ids.to(device).view(-1)
+    T, L = ids.shape[0], segment_length
+    nll, count = [], []
+    for start in range(0, T, L):
+        end = min(start + L, T)
+        first = max(0, start - context)
+        window = ids[first:end].view(1, -1)
+        embeds = bb.unwrap(backbone).get_input_embeddings()(window)
+        positions = torch.arange(window.shape[1], device=device).view(1, -1)
+        hidden = bb.final_hidden(backbone, embeds, None, positions)[0, start - first :]  # segment positions
+        targets = ids[start + 1 : end + 1]
+        hidden = hidden[: targets.shape[0]]  # the document's last token has no target
+        logits = bb.lm_logits(backbone, hidden).float()
+        nll.append(float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")) if len(targets) else 0.0)
+        count.append(int(targets.shape[0]))
+    return nll, count
+
+
+@torch.no_grad()
+def score_hmt(model: HMT, ids: torch.Tensor) -> tuple[list[float], list[int]]:
+    """HMT (or its recurrence-only variant) over one document from an empty memory."""
+    device = model.embedding_layer.weight.device
+    ids = ids.to(device).view(1, -1)
+    out = model(ids, labels=ids, memory_state=model.new_memory(1), return_logits=False)
+    return out.segment_nll[0].tolist(), out.segment_tokens[0].tolist()
+
+
+def evaluate(
+    documents: Sequence[tuple[str, torch.Tensor]],
+    *,
+    hmt_model: Optional[HMT] = None,
+    recurrence_model: Optional[HMT] = None,
+    baseline_backbone=None,
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
+    segment_length: Optional[int] = None,
+    sensory: Optional[int] = None,
+    weights: Optional[dict] = None,
+    progress: bool = True,
+) -> dict[str, ProtocolResult]:
+    """Score ``documents`` (name, 1-D token ids) under each protocol.
+
+    Args:
+        hmt_model: for ``hmt`` (and its config gives L and k for the other protocols).
+        recurrence_model: for ``recurrence``; default: ``hmt_model`` with retrieval off.
+        baseline_backbone: backbone for ``disjoint``, ``sensory`` and ``sliding-*``;
+            default: ``hmt_model``'s backbone (the same weights).
+        weights: protocol -> a label saying which weights it used (printed and saved).
+    """
+    from tqdm.auto import tqdm
+
+    if hmt_model is None and segment_length is None:
+        raise ValueError("evaluate() needs hmt_model or segment_length.")
+    L = segment_length or hmt_model.config.segment_length
+    k = sensory if sensory is not None else hmt_model.config.sensory_memory_size
+    backbone = baseline_backbone if baseline_backbone is not None else hmt_model.backbone
+    if "recurrence" in protocols and recurrence_model is None:
+        if hmt_model is None:
+            raise ValueError("The 'recurrence' protocol needs hmt_model or recurrence_model.")
+        recurrence_model = _without_retrieval(hmt_model)
+    weights = weights or {}
+    results = {}
+    for protocol in protocols:
+        label = weights.get(protocol, "as given")
+        result = ProtocolResult(protocol, label)
+        for name, ids in tqdm(documents, desc=protocol, disable=not progress, leave=False):
+            if protocol == "hmt":
+                nll, count = score_hmt(hmt_model, ids)
+            elif protocol == "recurrence":
+                nll, count = score_hmt(recurrence_model, ids)
+            elif protocol == "disjoint":
+                nll, count = score_with_context(backbone, ids, L, 0)
+            elif protocol == "sensory":
+                nll, count = score_with_context(backbone, ids, L, k)
+            elif protocol.startswith("sliding-"):
+                window = _window(protocol, backbone)
+                nll, count = score_with_context(backbone, ids, L, max(0, window - L))
+            else:
+                raise ValueError(f"Unknown protocol {protocol!r}; known: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt.")
+            result.add(name, nll, count)
+        results[protocol] = result
+    return results
+
+
+def _window(protocol: str, backbone) -> int:
+    value = protocol.split("-", 1)[1]
+    if value == "max":
+        limit = bb.max_positions(backbone)
+        if limit is None:
+            raise ValueError("sliding-max: the backbone does not state its maximum length; use sliding-W.")
+        return limit
+    try:
+        return int(value)
+    except ValueError as err:
+        raise ValueError(f"Protocol {protocol!r}: use sliding-<tokens> or sliding-max.") from err
+
+
+def _without_retrieval(model: HMT) -> HMT:
+    import dataclasses
+
+    twin = HMT(model.backbone, dataclasses.replace(model.config, use_retrieval=False))
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, strict=False)
+    return twin.eval()
+
+
+def format_table(results: dict[str, ProtocolResult]) -> str:
+    reference = results.get("disjoint")
+    lines = [f"{'protocol':<14} {'tokens':>9} {'PPL':>9} {'vs disjoint':>12}  weights"]
+    for r in results.values():
+        change = f"{100 * (r.ppl / reference.ppl - 1):+.1f}%" if reference else ""
+        lines.append(f"{r.protocol:<14} {r.tokens:>9} {r.ppl:>9.3f} {change:>12}  {r.weights}")
+    return "\n".join(lines)
+
+
+def save_results(results: dict[str, ProtocolResult], path: str | os.PathLike, extra: Optional[dict] = None) -> None:
+    payload = {"protocols": {k: v.to_dict() for k, v in results.items()}, **(extra or {})}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def plot_segment_ppl(results: dict[str, ProtocolResult], path: str | os.PathLike, segment_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in results.values():
+        ppl = r.segment_ppl()
+        ax.plot(range(1, len(ppl) + 1), ppl, marker="o", markersize=3, label=f"{r.protocol} ({r.ppl:.2f})")
+    ax.set_xlabel(f"segment index (blocks of {segment_length} tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Perplexity by position in the document")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
