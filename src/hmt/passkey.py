@@ -1,0 +1,115 @@
+"""Passkey retrieval: a key hidden at distance D inside filler text, asked for at the end.
+
+Accuracy against D for HMT and for the backbone reading the same window of L tokens
+(what it sees without memory), optionally the backbone with full attention.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .model import HMT
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyPrompt:
+    ids: torch.Tensor  # (T,)
+    key: str
+    distance: int  # tokens from the key to the end of the prompt
+
+
+def make_prompt(tokenizer, distance: int, key: str, prefix_tokens: int = 64) -> PasskeyPrompt:
+    """``prefix_tokens`` of filler, the key sentence, filler up to ``distance`` tokens before the question's end."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    filler = encode(FILLER)
+    needle = encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = encode(" " + QUESTION)
+    before = (filler * (prefix_tokens // len(filler) + 1))[:prefix_tokens]
+    gap = max(0, distance - len(needle) - len(question))
+    after = (filler * (gap // len(filler) + 1))[:gap]
+    ids = torch.tensor(before + needle + after + question)
+    return PasskeyPrompt(ids, key, len(needle) + len(after) + len(question))
+
+
+def _answer(tokenizer, generated: torch.Tensor) -> str:
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def run(
+    model: HMT,
+    tokenizer,
+    distances: Sequence[int],
+    trials: int = 5,
+    seed: int = 0,
+    full_attention_limit: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, dict[int, float]]:
+    """Accuracy by distance: ``{"hmt": {D: acc}, "window": {...}[, "full": {...}]}``.
+
+    ``window``: the backbone given the last L prompt tokens (its own window without memory).
+    ``full``: the backbone over the whole prompt, where the prompt fits ``full_attention_limit``.
+    """
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    backbone = model.backbone
+    L = model.config.segment_length
+    device = model.embedding_layer.weight.device
+    results: dict[str, dict[int, float]] = {"hmt": {}, "window": {}}
+    if full_attention_limit:
+        results["full"] = {}
+    digits = 5
+    for distance in tqdm(distances, desc="passkey", disable=not progress):
+        hits = {name: 0 for name in results}
+        counts = {name: 0 for name in results}
+        for _ in range(trials):
+            key = str(rng.randrange(10 ** (digits - 1), 10**digits))
+            prompt = make_prompt(tokenizer, distance, key)
+            ids = prompt.ids.to(device).view(1, -1)
+            out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=4)
+            hits["hmt"] += key in _answer(tokenizer, out.sequences[0, ids.shape[1] :])
+            counts["hmt"] += 1
+            window = ids[:, -L:]
+            gen = backbone.generate(window, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            hits["window"] += key in _answer(tokenizer, gen[0, window.shape[1] :])
+            counts["window"] += 1
+            if full_attention_limit and ids.shape[1] <= full_attention_limit:
+                gen = backbone.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                hits["full"] += key in _answer(tokenizer, gen[0, ids.shape[1] :])
+                counts["full"] += 1
+        for name in results:
+            if counts[name]:
+                results[name][distance] = hits[name] / counts[name]
+    return results
+
+
+def plot(results: dict[str, dict[int, float]], path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = {"hmt": "HMT", "window": "backbone, last L tokens", "full": "backbone, full attention"}
+    for name, curve in results.items():
+        xs = sorted(curve)
+        ax.plot(xs, [curve[x] for x in xs], marker="o", label=labels.get(name, name))
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("distance of the key from the question (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Passkey retrieval")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,52 @@
+"""Inspection arrays and pictures; passkey prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hmt import HMT, HMTConfig, passkey
+from hmt import visualize as vis
+
+from .conftest import VOCAB, make_backbone, randomize_memory_parameters
+
+
+def test_retrieval_matrix_and_pictures(tmp_path):
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=8, sensory_memory_size=2, num_memory_embeddings=3)).eval()
+    randomize_memory_parameters(model)
+    with torch.no_grad():
+        out = model(torch.randint(3, VOCAB, (1, 6 * 8)))
+    matrix = vis.retrieval_matrix(out)
+    assert matrix.shape == (6, 6)
+    assert np.isnan(matrix[0]).all()  # the first segment has nothing to recall
+    for s in range(1, 6):
+        recalled = ~np.isnan(matrix[s])
+        assert np.flatnonzero(recalled).tolist() == list(range(max(0, s - 3), s))  # FIFO window of N = 3
+        np.testing.assert_allclose(np.nansum(matrix[s]), 1.0, rtol=1e-5)
+    similarity = vis.memory_similarity(out)
+    np.testing.assert_allclose(np.diag(similarity), 1.0, rtol=1e-5)
+    for path in (vis.plot_retrieval_heatmap(out, tmp_path / "r.png"), vis.plot_memory_similarity(out, tmp_path / "s.png"),
+                 vis.plot_cache_growth([1, 2, 3, 3], 3, tmp_path / "c.png")):
+        assert (tmp_path / path.split("/")[-1]).stat().st_size > 1000
+
+
+class CharTokenizer:
+    """One token per character: distances are easy to check."""
+
+    def __call__(self, text, add_special_tokens=False):
+        class Encoded:
+            input_ids = [ord(c) for c in text]
+
+        return Encoded()
+
+
+def test_passkey_prompt_places_the_key_at_the_distance(tmp_path):
+    tok = CharTokenizer()
+    for distance in (200, 1000):
+        prompt = passkey.make_prompt(tok, distance, "12345", prefix_tokens=50)
+        text = "".join(chr(i) for i in prompt.ids.tolist())
+        assert text.endswith(passkey.QUESTION)
+        assert len(text) - text.index("The pass key is 12345") == prompt.distance == distance
+        assert text.index("The pass key is 12345") == 50
+    passkey.plot({"hmt": {256: 1.0, 1024: 0.5}, "window": {256: 1.0, 1024: 0.0}}, tmp_path / "passkey.png")
+    assert (tmp_path / "passkey.png").stat().st_size > 1000
