@@ -74,3 +74,14 @@ def test_mismatched_and_corrupt_checkpoints(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="missing or corrupt"):
         HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
+
+
+def test_weights_can_be_stored_in_bfloat16(tmp_path):
+    model = HMT(make_backbone("llama").requires_grad_(False), CONFIG).eval()
+    randomize_memory_parameters(model)
+    model.save_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / "ckpt" / "hmt_weights.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in stored.values())
+    restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
+    assert restored.memory_search.query.weight.dtype == torch.float32
+    torch.testing.assert_close(restored.memory_search.query.weight, model.memory_search.query.weight.bfloat16().float())

@@ -60,7 +60,8 @@ def trained_backbone_kind(backbone: torch.nn.Module) -> str:
     return "none"
 
 
-def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None) -> Path:
+def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None,
+         dtype: torch.dtype | None = None) -> Path:
     from safetensors.torch import save_file
 
     kind = trained_backbone or trained_backbone_kind(model.backbone)
@@ -83,6 +84,8 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
     else:
         meta["embedding_fingerprint"] = embedding_fingerprint(model.backbone)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if dtype is not None:  # e.g. bfloat16 to ship a small adapter; loading casts back
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _dedupe_shared(tensors)
 
     target = Path(directory)

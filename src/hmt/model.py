@@ -176,15 +176,16 @@ class HMT(nn.Module):
         return MemoryState.empty(batch_size, self.config, device=ref.device, dtype=ref.dtype)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory, trained_backbone: Optional[str] = None):
+    def save_pretrained(self, directory, trained_backbone: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         """Write HMT's parameters (plus LoRA or backbone weights if trained) and config, atomically.
 
         ``trained_backbone``: ``"none"``, ``"lora"`` or ``"full"``; by default inferred (a PEFT
-        backbone is ``"lora"``, a backbone with trainable parameters ``"full"``).
+        backbone is ``"lora"``, a backbone with trainable parameters ``"full"``). ``dtype``
+        stores the weights in another precision (e.g. ``torch.bfloat16``); loading casts back.
         """
         from . import checkpoint
 
-        return checkpoint.save(self, directory, trained_backbone)
+        return checkpoint.save(self, directory, trained_backbone, dtype)
 
     @classmethod
     def from_pretrained(cls, backbone: nn.Module, directory, **config_overrides) -> "HMT":
