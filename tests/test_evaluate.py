@@ -60,3 +60,16 @@ def test_protocols_score_every_token_once_and_agree_with_references(tmp_path):
     ev.plot_segment_ppl(results, tmp_path / "p.png", L)
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "vs disjoint" in ev.format_table(results)
+
+
+def test_sliding_window_stride_keeps_every_token_once():
+    model = _model()
+    ids = _docs()[0][1]
+    fine = ev.score_with_context(model.backbone, ids, L, 16, stride=4)
+    coarse = ev.score_with_context(model.backbone, ids, L, 12, stride=8)
+    assert fine[1] == coarse[1] and sum(fine[1]) == len(ids) - 1
+    # with a window longer than the document, any stride gives the full-context scores
+    full = ev.score_with_context(model.backbone, ids, L, 10_000, stride=5)
+    whole = ev.score_with_context(model.backbone, ids, L, 10_000, stride=len(ids))
+    for a, b in zip(full[0], whole[0]):
+        assert math.isclose(a, b, rel_tol=1e-5)

@@ -144,7 +144,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.baseline:
         baseline = HMT.from_pretrained(fresh_backbone()[0], args.baseline).backbone.eval()
         baseline_label = f"baseline checkpoint {args.baseline} (fine-tuned without memory)"
-    corpus = hdata.TokenizedCorpus.from_source(args.data, tokenizer, progress=True)
+    source = args.data[0] if len(args.data) == 1 else list(args.data)
+    corpus = hdata.TokenizedCorpus.from_source(source, tokenizer, progress=True)
     indices = corpus.split(args.split, args.split_fractions) if args.split != "all" else list(range(corpus.num_documents))
     indices = [i for i in indices if len(corpus.document(i)) >= args.min_tokens]
     if not indices:
@@ -161,7 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"[hmt] {len(documents)} documents, {sum(len(d) for _, d in documents)} tokens: "
           + ", ".join(name for name, _ in documents), file=sys.stderr)
     results = ev.evaluate(documents, hmt_model=hmt_model, recurrence_model=recurrence, baseline_backbone=baseline,
-                          protocols=protocols, weights=weights)
+                          protocols=protocols, weights=weights, sliding_stride=args.sliding_stride)
     print(ev.format_table(results))
     if "sensory" in results and "hmt" in results and any(p.startswith("sliding-") for p in results):
         sliding = next(results[p] for p in results if p.startswith("sliding-"))
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=_generate)
 
     evaluate = sub.add_parser("eval", help="Perplexity over long documents: HMT against baselines.")
-    evaluate.add_argument("--data", default="kjv", help="Source for hmt.data (path, glob, JSONL, kjv, python-docs, ...).")
+    evaluate.add_argument("--data", nargs="+", default=["kjv"],
+                          help="Source(s) for hmt.data (path, glob, JSONL, kjv, python-docs, ...); several mix.")
     evaluate.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
     evaluate.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1])
     evaluate.add_argument("--documents", type=int, default=4, help="How many documents (spread over the split).")
@@ -223,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", default=None, help="Checkpoint of the backbone fine-tuned without memory.")
     evaluate.add_argument("--segment-length", type=int, default=256)
     evaluate.add_argument("--sensory", type=int, default=32)
+    evaluate.add_argument("--sliding-stride", type=int, default=None,
+                          help="New tokens per sliding-window step (default L); context is W - stride.")
     evaluate.add_argument("--out", default="outputs/eval")
     evaluate.set_defaults(func=_eval)
 

@@ -66,29 +66,32 @@ class ProtocolResult:
 
 
 @torch.no_grad()
-def score_with_context(backbone, ids: torch.Tensor, segment_length: int, context: int) -> tuple[list[float], list[int]]:
-    """The backbone on each L-token segment with up to ``context`` tokens before it.
+def score_with_context(
+    backbone, ids: torch.Tensor, segment_length: int, context: int, stride: Optional[int] = None
+) -> tuple[list[float], list[int]]:
+    """The backbone on chunks of ``stride`` tokens (default L), each read with up to ``context`` tokens before it.
 
-    ``context=0`` gives disjoint segments, ``k`` the sensory-prefix protocol, ``W - L`` a
-    sliding window of W. Returns NLL sums and token counts per segment.
+    ``context=0`` gives disjoint segments, ``k`` the sensory-prefix protocol, ``W - stride``
+    a sliding window of W. Returns NLL sums and token counts per L-token segment.
     """
     device = bb.unwrap(backbone).get_input_embeddings().weight.device
     ids = ids.to(device).view(-1)
     T, L = ids.shape[0], segment_length
-    nll, count = [], []
-    for start in range(0, T, L):
-        end = min(start + L, T)
+    step = stride or L
+    token_nll = torch.zeros(max(T - 1, 0), dtype=torch.float64)
+    for start in range(0, T, step):
+        end = min(start + step, T)
         first = max(0, start - context)
         window = ids[first:end].view(1, -1)
         embeds = bb.unwrap(backbone).get_input_embeddings()(window)
         positions = torch.arange(window.shape[1], device=device).view(1, -1)
-        hidden = bb.final_hidden(backbone, embeds, None, positions)[0, start - first :]  # segment positions
-        targets = ids[start + 1 : end + 1]
-        hidden = hidden[: targets.shape[0]]  # the document's last token has no target
+        targets = ids[start + 1 : end + 1]  # the document's last token has no target
+        hidden = bb.final_hidden(backbone, embeds, None, positions)[0, start - first :][: targets.shape[0]]
         logits = bb.lm_logits(backbone, hidden).float()
-        nll.append(float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")) if len(targets) else 0.0)
-        count.append(int(targets.shape[0]))
-    return nll, count
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        token_nll[start : start + targets.shape[0]] = nll.double().cpu()
+    blocks = range(0, T, L)
+    return ([float(token_nll[b : b + L].sum()) for b in blocks], [int(token_nll[b : b + L].numel()) for b in blocks])
 
 
 @torch.no_grad()
@@ -110,6 +113,7 @@ def evaluate(
     segment_length: Optional[int] = None,
     sensory: Optional[int] = None,
     weights: Optional[dict] = None,
+    sliding_stride: Optional[int] = None,
     progress: bool = True,
 ) -> dict[str, ProtocolResult]:
     """Score ``documents`` (name, 1-D token ids) under each protocol.
@@ -120,6 +124,8 @@ def evaluate(
         baseline_backbone: backbone for ``disjoint``, ``sensory`` and ``sliding-*``;
             default: ``hmt_model``'s backbone (the same weights).
         weights: protocol -> a label saying which weights it used (printed and saved).
+        sliding_stride: new tokens per window step for ``sliding-*`` (default L): each token
+            is read with between W - stride and W tokens of context.
     """
     from tqdm.auto import tqdm
 
@@ -148,7 +154,8 @@ def evaluate(
                 nll, count = score_with_context(backbone, ids, L, k)
             elif protocol.startswith("sliding-"):
                 window = _window(protocol, backbone)
-                nll, count = score_with_context(backbone, ids, L, max(0, window - L))
+                stride = min(sliding_stride or L, window)
+                nll, count = score_with_context(backbone, ids, L, max(0, window - stride), stride)
             else:
                 raise ValueError(f"Unknown protocol {protocol!r}; known: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt.")
             result.add(name, nll, count)
