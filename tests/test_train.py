@@ -154,3 +154,25 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     w2 = load_file(str(tmp_path / "two" / "final" / "hmt_weights.safetensors"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
+    import signal
+
+    class TerminatingWindows(PatternWindows):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __getitem__(self, index):
+            self.calls += 1
+            if self.calls == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().__getitem__(index)
+
+    before = signal.getsignal(signal.SIGTERM)
+    config = tiny_config(tmp_path, save_every=100)
+    cut = train(config, backbone=tiny_backbone(), train_data=TerminatingWindows(), eval_data=eval_documents())
+    assert cut.interrupted and cut.steps == 2
+    assert torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is only installed while training

@@ -18,6 +18,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -383,6 +385,7 @@ def train(
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process), desc="train")
     step = start_step
     tokens_seen, started = 0, time.perf_counter()
+    previous_term = _stop_on_sigterm()
     try:
         while step < config.steps:
             if stop_after is not None and step - start_step >= stop_after:
@@ -437,6 +440,8 @@ def train(
         accelerator.print(f"\n[hmt] interrupted at step {step}: saving a checkpoint to resume from")
     finally:
         bar.close()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     if interrupted:
         _save_training_state(checkpoint_dir, model, optimizer, scheduler, step, config, accelerator)
         return TrainResult(steps=step, final_dir=None, history=history, eval=eval_result, interrupted=True)
@@ -448,6 +453,17 @@ def train(
     if writer is not None:
         writer.close()
     return TrainResult(steps=step, final_dir=str(final_dir), history=history, eval=eval_result)
+
+
+def _stop_on_sigterm():
+    """Treat SIGTERM (a scheduler preempting the job, `kill`) like Ctrl-C: save, then stop."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _trained_kind(config: TrainConfig) -> str:
