@@ -106,9 +106,7 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory written by HMT.save_pretrained.")
+    directory = resolve(directory)
     config = HMTConfig.load(directory)
     if config_overrides:
         config = HMTConfig.from_dict({**config.to_dict(), **config_overrides})
@@ -158,6 +156,27 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
     except RuntimeError as err:
         raise ValueError(f"HMT weights in {directory} do not fit the config: {err}") from err
     return model
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"
+
+
+def shipped_adapters() -> list[str]:
+    """Names of the adapters that ship with the library (``hmt/adapters/NAME``)."""
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / META_NAME).is_file()) if SHIPPED_DIR.is_dir() else []
+
+
+def resolve(directory: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the name of a shipped adapter (e.g. ``"smollm2-135m"``)."""
+    path = Path(directory)
+    if path.is_dir():
+        return path
+    if (SHIPPED_DIR / str(directory)).is_dir():
+        return SHIPPED_DIR / str(directory)
+    raise FileNotFoundError(
+        f"{directory} is not a directory written by HMT.save_pretrained, nor a shipped adapter "
+        f"({', '.join(shipped_adapters()) or 'none installed'})."
+    )
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
