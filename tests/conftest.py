@@ -33,6 +33,22 @@ def make_backbone(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory):
+    """A tiny Llama saved with a WordLevel tokenizer over the words w3 .. w127: a local backbone directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-backbone")
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    make_backbone("llama").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param

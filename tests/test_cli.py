@@ -9,22 +9,6 @@ import pytest
 from hmt import MemoryState
 from hmt.cli import main
 
-from .conftest import VOCAB, make_backbone
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    directory = tmp_path_factory.mktemp("tiny-backbone")
-    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    make_backbone("llama").save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def test_generate_streams_and_keeps_memory_in_a_file(backbone_dir, tmp_path, capsys):

@@ -26,21 +26,6 @@ EOS = 1
 
 
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    directory = tmp_path_factory.mktemp("tiny-backbone")
-    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    make_backbone("llama").save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
 def lm(backbone_dir):
     # L = 8, k = 3, N = 4: the test texts span many segments and overflow the cache
     model = HMTLM(backbone=backbone_dir, segment_length=8, sensory_memory_size=3, num_memory_embeddings=4,
