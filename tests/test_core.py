@@ -267,3 +267,13 @@ def test_segment_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=name)
+
+
+def test_scoring_without_logits_matches_in_slices():
+    model = build("gpt2", segment_length=150, representation_length=20)  # 150 > one 64-position slice
+    ids = tokens(2, 320, seed=15)
+    with torch.no_grad():
+        full = model(ids, labels=ids, memory_state=model.new_memory(2))
+        lean = model(ids, labels=ids, memory_state=model.new_memory(2), return_logits=False)
+    torch.testing.assert_close(lean.segment_nll, full.segment_nll, **TOL)
+    assert torch.equal(lean.segment_tokens, full.segment_tokens)

@@ -27,6 +27,7 @@ from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 
 IGNORE_INDEX = -100
+_SCORE_CHUNK = 64  # positions per LM-head slice when scoring without returning logits
 
 
 @dataclass
@@ -363,14 +364,20 @@ class HMT(nn.Module):
             hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(state, seg_ids, seg_lens)
         else:
             hidden = self._plain_segment(seg_ids, seg_lens)
-        seg_logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
-        if seg_targets is not None:
-            nll = F.cross_entropy(
-                seg_logits.flatten(0, 1).float(), seg_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            ).view_as(seg_targets)
-            step.nll, step.count = nll.sum(1), (seg_targets != IGNORE_INDEX).sum(1)
         if want_logits:
-            step.logits = seg_logits
+            step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
+        if seg_targets is not None:
+            # Without logits to return, score in slices of positions: the (l, vocab) float
+            # logits of a whole segment need not exist at once.
+            width = hidden.shape[1] if want_logits else _SCORE_CHUNK
+            nll = []
+            for start in range(0, hidden.shape[1], width):
+                logits = step.logits[:, start : start + width] if want_logits else bb.lm_logits(
+                    self.backbone, hidden[:, start : start + width])
+                targets = seg_targets[:, start : start + width]
+                nll.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="none").view_as(targets).sum(1))
+            step.nll, step.count = torch.stack(nll).sum(0), (seg_targets != IGNORE_INDEX).sum(1)
         return step
 
     def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int]):
