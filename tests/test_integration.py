@@ -227,3 +227,32 @@ def test_walkthrough_example_runs(tmp_path):
         png = tmp_path / name
         assert png.is_file(), f"{name} was not written"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration
+def test_shipped_adapter_loads_into_the_default_backbone():
+    from hmt.checkpoint import SHIPPED_DIR, shipped_adapters
+
+    assert hmt.DEFAULT_ADAPTER in shipped_adapters()
+    size = sum(f.stat().st_size for f in (SHIPPED_DIR / hmt.DEFAULT_ADAPTER).iterdir())
+    assert size <= 10 * 2**20
+    model, tokenizer = hmt.load_pretrained()
+    assert model.config.segment_length == 256 and model.config.sensory_memory_size == 32
+    ids = tokenizer(SHORT_PARAGRAPH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        trained = model(ids, labels=ids, memory_state=model.new_memory(1)).loss
+    assert torch.isfinite(trained)
+
+
+@pytest.mark.integration
+def test_main_job_runs(tmp_path):
+    """The README's main job, shortened: two held-out documents, 1k tokens each, two protocols."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "main.py"), "--skip-walkthrough", "--out", str(tmp_path),
+         "--documents", "2", "--max-tokens", "1024", "--protocols", "disjoint,hmt"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HMT vs disjoint segments" in result.stdout
+    for name in ("results.json", "ppl_by_segment.png", "retrieval_heatmap.png", "memory_similarity.png", "cache_growth.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
