@@ -176,3 +176,21 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
     assert cut.interrupted and cut.steps == 2
     assert torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 2
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is only installed while training
+
+
+def test_qa_task_trains_on_answers_only(tmp_path, backbone_dir):
+    from transformers import AutoTokenizer
+
+    rows = [{"context": " ".join(f"w{3 + (i * 7 + j) % 100}" for j in range(30)), "question": "w5 w6",
+             "answer": f"w{10 + i % 5}", "id": f"ex{i}"} for i in range(40)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config(tmp_path / "run", task="qa", data=str(path), data_options={"name_field": "id"},
+                         split_fractions=[0.7, 0.3, 0.0], steps=3, eval_every=3, batch_size=2)
+    result = train(config, backbone=tiny_backbone(), tokenizer=AutoTokenizer.from_pretrained(backbone_dir))
+    assert result.steps == 3 and result.eval["tokens"] > 0
+    # only answer tokens (and EOS) are scored: two per validation example
+    from hmt.data import assign_split
+
+    validation = [r for r in rows if assign_split(r["id"], config.split_fractions, config.split_seed) == "validation"]
+    assert result.eval["tokens"] == 2 * min(config.eval_documents, len(validation))

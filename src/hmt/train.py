@@ -59,7 +59,14 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: Any = field(default="all-linear", metadata={"help": "peft target_modules."})
     # --- data
-    data: str = field(default="kjv", metadata={"help": "Source for hmt.data: path, glob, JSONL, 'hf:NAME', 'kjv', ..."})
+    data: Any = field(default="kjv", metadata={"help": "Source for hmt.data: path, glob, JSONL, 'hf:NAME', 'kjv', ... or a list."})
+    task: str = field(
+        default="documents",
+        metadata={"help": "'documents' (language modelling on windows of S x L tokens) or 'qa' ((context, "
+                          "prompt, answer) examples, loss on the answer only; data_options go to "
+                          "hmt.data.load_qa_examples, qa_options to hmt.data.QADataset)."},
+    )
+    qa_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.QADataset (templates, max_length)."})
     data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
     split_seed: int = 0
@@ -94,6 +101,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
+        if self.task not in ("documents", "qa"):
+            raise ValueError(f"TrainConfig.task must be 'documents' or 'qa', got {self.task!r}.")
         if self.decay not in ("step", "cosine", "constant"):
             raise ValueError(f"TrainConfig.decay must be 'step', 'cosine' or 'constant', got {self.decay!r}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -116,7 +125,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the run that wrote the checkpoint."""
         keep = ("backbone", "hmt", "use_memory", "init_from", "trainable", "lora_r", "lora_alpha", "lora_target_modules",
-                "data", "data_options", "split_fractions", "split_seed", "segments_per_window", "window_stride",
+                "data", "task", "data_options", "qa_options", "split_fractions", "split_seed", "segments_per_window", "window_stride",
                 "batch_size", "grad_accum", "seed")
         return json.loads(json.dumps({k: getattr(self, k) for k in keep}, default=list))
 
@@ -243,6 +252,15 @@ def build_data(config: TrainConfig, tokenizer):
     """Training windows and validation documents from ``config.data``."""
     from . import data as hdata
 
+    if config.task == "qa":
+        examples = hdata.load_qa_examples(config.data, **config.data_options)
+        split = {name: [e for e in examples if hdata.assign_split(e.name, config.split_fractions, config.split_seed) == name]
+                 for name in ("train", "validation")}
+        if not split["train"]:
+            raise ValueError(f"{config.data}: no training example (check split_fractions).")
+        train = hdata.QADataset(split["train"], tokenizer, progress=config.progress, **config.qa_options)
+        val = hdata.QADataset(split["validation"][: config.eval_documents], tokenizer, progress=False, **config.qa_options)
+        return train, [val[i] for i in range(len(val))]
     corpus = hdata.TokenizedCorpus.from_source(config.data, tokenizer, progress=config.progress, **config.data_options)
     train_docs = corpus.split("train", config.split_fractions, seed=config.split_seed)
     val_docs = corpus.split("validation", config.split_fractions, seed=config.split_seed)
@@ -289,7 +307,7 @@ def batch_order(num_items: int, step: int, global_batch: int, seed: int) -> list
 # =========================================================================== evaluation
 @torch.no_grad()
 def evaluate_documents(model: HMT, documents: Sequence, use_memory: bool = True, accelerator=None) -> dict:
-    """Token-weighted perplexity over whole documents, every token scored once."""
+    """Token-weighted perplexity over whole documents (every token scored once) or task examples (answers)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -297,8 +315,12 @@ def evaluate_documents(model: HMT, documents: Sequence, use_memory: bool = True,
     count = torch.zeros((), dtype=torch.float64, device=device)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     for doc in list(documents)[rank::world]:
-        ids = torch.as_tensor(doc, dtype=torch.long, device=device).view(1, -1)
-        out = model(ids, labels=ids, use_memory=use_memory, memory_state=model.new_memory(1), return_logits=False)
+        if isinstance(doc, dict):  # a task example: score its labels (the answer) only
+            ids = doc["input_ids"].to(device).view(1, -1)
+            labels = doc["labels"].to(device).view(1, -1)
+        else:
+            ids = labels = torch.as_tensor(doc, dtype=torch.long, device=device).view(1, -1)
+        out = model(ids, labels=labels, use_memory=use_memory, memory_state=model.new_memory(1), return_logits=False)
         nll += out.nll_sum.sum().double()
         count += out.num_tokens.sum().double()
     if accelerator is not None and world > 1:
