@@ -43,18 +43,25 @@ torch.no_grad, greedy decoding, real text (Python standard-library source) as pr
    generate call itself (the kernel's high-water mark is reset after loading through
    /proc/self/clear_refs, then read as ru_maxrss and VmHWM); working memory = peak - after
    load. On CUDA: torch.cuda.max_memory_allocated minus the allocation after load.
-   Target: long/short <= 1.1.
+   Target: long/short <= 1.1. "live at end" is the RSS after the output is dropped and
+   glibc's free heap is handed back (malloc_trim): RSS the allocator merely retains is not
+   live tensors. --malloc-mmap-threshold BYTES runs the workers with glibc's
+   MALLOC_MMAP_THRESHOLD_ (blocks that large are mmapped, returned on free): a diagnosis
+   of allocator retention, as in long_document_memory.py.
 
 Threads and clocks: OMP_WAIT_POLICY=PASSIVE is set before torch is imported and --threads
 defaults to 1. Both wall time and this process's CPU time are recorded; on a shared CPU
 the CPU time with one thread is the steadier figure, so the headline uses it on a CPU
 device (--clock to change) and wall on CUDA.
 
-    python benchmarks/generation.py                        # everything (100k run: ~20+ min on a busy core)
-    python benchmarks/generation.py --parts latency        # decode latency only (~6-10 min at 1 thread)
+    python benchmarks/generation.py --json gen.json        # everything: ~7 min CPU for the latency part,
+                                                           # ~15 min CPU for the 100k-token memory run
+    python benchmarks/generation.py --parts latency        # decode latency only
     python benchmarks/generation.py --parts memory --long-tokens 100000 --memory-mode fast
-    python benchmarks/generation.py --quick                # smoke run, small config, ~1-2 min
-    python benchmarks/generation.py --json gen.json
+    python benchmarks/generation.py --parts memory --malloc-mmap-threshold 131072   # allocator diagnosis
+    python benchmarks/generation.py --quick                # smoke run, small config, ~1-3 min
+
+(Wall times on a shared CPU are 2-3x the CPU times.)
 """
 
 from __future__ import annotations
@@ -449,21 +456,35 @@ def memory_worker(args) -> dict:
                              exact_retrieval=exact, streamer=stamps, do_sample=False)
     synchronize(device)
     fig = stamps.figures()
+    generated = int(out.sequences.shape[1] - T)
+    segments_closed, cache_size = int(out.memory_state.segments_seen[0]), int(out.memory_state.cache_sizes[0])
     maxrss = ru_maxrss_bytes()
     from long_document_memory import _status_kib
 
     hwm = _status_kib("VmHWM")
     hwm = hwm * 1024 if hwm is not None else None
     peak = (hwm if hwm is not None else maxrss) if was_reset else max(maxrss, after_load)
+    # What of the end RSS is live: drop the output, then hand glibc's free heap back.
+    del out
+    gc.collect()
+    trimmed = None
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trimmed = current_rss_bytes()
+    except (OSError, AttributeError):
+        pass
     result = {
-        "tokens": T, "generated": int(out.sequences.shape[1] - T), "mode": args.memory_mode,
+        "tokens": T, "generated": generated, "mode": args.memory_mode,
         "prefill_s": fig["wall"]["prefill_s"], "decode_s": fig["wall"]["decode_s"],
         "prefill_cpu_s": fig["cpu"]["prefill_s"], "decode_cpu_s": fig["cpu"]["decode_s"],
         "load_peak_rss_bytes": load_peak, "rss_after_load_bytes": after_load,
         "ru_maxrss_bytes": maxrss, "vmhwm_bytes": hwm, "generate_peak_rss_bytes": peak,
         "working_bytes": peak - after_load, "hwm_reset": was_reset,
         "rss_after_prefill_bytes": stamps.rss_after_prefill, "rss_at_end_bytes": stamps.rss_at_end,
-        "segments_closed": int(out.memory_state.segments_seen[0]), "cache_size": int(out.memory_state.cache_sizes[0]),
+        "rss_after_malloc_trim_bytes": trimmed, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "segments_closed": segments_closed, "cache_size": cache_size,
         "threads": torch.get_num_threads(), "device": str(device),
     }
     if device.type == "cuda":
@@ -491,6 +512,8 @@ def memory(args, device) -> dict:
     print(f"\n=== 2. Memory stays flat ===\n{args.long_tokens}- vs {args.short_tokens}-token prompt (Python stdlib "
           f"source), then {args.gen_tokens} generated tokens ({args.memory_mode} mode), each in its own subprocess, "
           f"{args.threads} thread(s), device {device}", flush=True)
+    if args.malloc_mmap_threshold:
+        print(f"  workers run with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} (allocator diagnosis)")
     ids = document_ids(tokenizer, max(lengths))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -503,8 +526,11 @@ def memory(args, device) -> dict:
             while pending and len(procs) < args.jobs:
                 n = pending.pop(0)
                 logs = [open(os.path.join(tmp, f"{n}.{s}"), "w+") for s in ("out", "err")]
+                env = dict(os.environ)
+                if args.malloc_mmap_threshold:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
                 procs.append((n, subprocess.Popen(worker_command(args, n, ids_file), stdout=logs[0], stderr=logs[1],
-                                                  text=True), logs, time.perf_counter()))
+                                                  text=True, env=env), logs, time.perf_counter()))
                 print(f"  started {n}-token run (pid {procs[-1][1].pid})", flush=True)
             time.sleep(0.5)
             for item in list(procs):
@@ -527,7 +553,8 @@ def memory(args, device) -> dict:
     ok = [results[n] for n in lengths if "error" not in results[n]]
     cuda = any("cuda_max_allocated_bytes" in r for r in ok)
     headers = ["prompt", "generated", "mode", "prefill s", "prefill tok/s", "decode ms/token", "after load MiB",
-               "generate peak MiB", "working MiB", "RSS after prefill", "RSS at end", "ru_maxrss MiB", "cache"]
+               "generate peak MiB", "working MiB", "RSS after prefill", "RSS at end", "live at end", "ru_maxrss MiB",
+               "cache"]
     if cuda:
         headers += ["CUDA max alloc MiB", "CUDA working MiB"]
     rows = []
@@ -535,11 +562,14 @@ def memory(args, device) -> dict:
         row = [r["tokens"], r["generated"], r["mode"], r["prefill_s"], r["tokens"] / r["prefill_s"],
                1e3 * r["decode_s"] / max(r["generated"], 1), r["rss_after_load_bytes"] / MiB,
                r["generate_peak_rss_bytes"] / MiB, r["working_bytes"] / MiB, r["rss_after_prefill_bytes"] / MiB,
-               r["rss_at_end_bytes"] / MiB, r["ru_maxrss_bytes"] / MiB, r["cache_size"]]
+               r["rss_at_end_bytes"] / MiB,
+               r["rss_after_malloc_trim_bytes"] / MiB if r.get("rss_after_malloc_trim_bytes") else float("nan"),
+               r["ru_maxrss_bytes"] / MiB, r["cache_size"]]
         if cuda:
             row += [r["cuda_max_allocated_bytes"] / MiB, r["cuda_working_bytes"] / MiB]
         rows.append(row)
-    print("\nPeak memory of generate(prompt, max_new_tokens) (RSS in MiB; working = generate peak - after load)")
+    print("\nPeak memory of generate(prompt, max_new_tokens) (RSS in MiB; working = generate peak - after load; "
+          "live at end = RSS once the output is dropped and glibc's free heap handed back by malloc_trim)")
     print(table(headers, rows))
 
     ratios, target = {}, None
@@ -586,6 +616,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-mode", choices=("exact", "fast"), default="exact",
                    help="memory: exact_retrieval=True (default) or False for the generated tokens")
     p.add_argument("--jobs", type=int, default=1, help="memory: subprocesses at once (default 1)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="memory: run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: blocks this large are "
+                   "mmapped and handed back on free, so freed heap memory is not retained (diagnosis)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
