@@ -147,3 +147,10 @@ def test_fast_decoding_searches_once_per_segment():
     assert len(calls) > fast_calls  # exact mode searches again while a new segment has < j tokens
     assert fast.sequences.shape == exact.sequences.shape
     assert torch.equal(fast.sequences[:, : 13 + (L - 5)], exact.sequences[:, : 13 + (L - 5)])  # same until the first new segment
+
+
+def test_long_prompt_read_in_chunks_equals_one_pass():
+    model = build("llama")
+    ids = prompt(11 * L + 3, seed=11)  # more closed segments than one prefill chunk
+    out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=L)
+    assert torch.equal(out.sequences, argmax_loop(model, ids, L))

@@ -32,6 +32,8 @@ from .memory import MemoryState
 if TYPE_CHECKING:
     from .model import HMT
 
+_PREFILL_SEGMENTS = 8  # segments per call while reading a prompt
+
 
 @dataclass
 class GenerateOutput:
@@ -199,8 +201,11 @@ def generate(
         tokens = torch.cat([pending, prompt])  # an open segment continues with the prompt
         row_state = dataclasses.replace(row_state, pending_lengths=torch.zeros_like(row_state.pending_lengths))
         closed = (len(tokens) - 1) // L * L  # every segment but the last closes now
-        if closed:
-            row_state = model(tokens[None, :closed], memory_state=row_state, return_logits=False).memory_state
+        # Read the closed segments a few at a time: one call would keep per-segment outputs
+        # (retrieval weights, memories) of the whole prompt that generation never uses.
+        for start in range(0, closed, _PREFILL_SEGMENTS * L):
+            chunk = tokens[None, start : min(start + _PREFILL_SEGMENTS * L, closed)]
+            row_state = model(chunk, memory_state=row_state, return_logits=False).memory_state
         streams.append(_Stream(model, row_state, tokens[closed:].tolist(), exact_retrieval))
     if streamer is not None and lengths[0]:
         streamer.put(ids[:, : lengths[0]].cpu())
@@ -212,8 +217,9 @@ def generate(
             if done[row]:
                 continue
             scores = stream.logits.float().view(1, -1)
-            history = torch.cat([ids[row : row + 1, : lengths[row]], new_tokens[row : row + 1, :step]], dim=1)
-            scores = processors(history, scores)
+            if len(processors):  # only they read the history
+                history = torch.cat([ids[row : row + 1, : lengths[row]], new_tokens[row : row + 1, :step]], dim=1)
+                scores = processors(history, scores)
             if config.do_sample:
                 token = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
             else:
