@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import resource
 import platform
 import statistics
 from typing import Any, Iterable, Optional, Sequence
@@ -113,3 +115,35 @@ def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
     print(f"\nwrote {path}")
+
+
+# --------------------------------------------------------------------------- process memory
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def ru_maxrss_bytes() -> int:
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value if sys.platform == "darwin" else value * 1024  # Linux: KiB
+
+
+def current_rss_bytes() -> int:
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else ru_maxrss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM and ru_maxrss) for this process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

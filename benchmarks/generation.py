@@ -82,7 +82,7 @@ from collections import defaultdict
 import torch
 
 from _common import document_ids, environment, median, parse_dtype, pick_device, synchronize, table, write_json
-from long_document_memory import current_rss_bytes, reset_peak_rss, ru_maxrss_bytes
+from _common import current_rss_bytes, reset_peak_rss, ru_maxrss_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024 * 1024
@@ -459,7 +459,7 @@ def memory_worker(args) -> dict:
     generated = int(out.sequences.shape[1] - T)
     segments_closed, cache_size = int(out.memory_state.segments_seen[0]), int(out.memory_state.cache_sizes[0])
     maxrss = ru_maxrss_bytes()
-    from long_document_memory import _status_kib
+    from _common import _status_kib
 
     hwm = _status_kib("VmHWM")
     hwm = hwm * 1024 if hwm is not None else None

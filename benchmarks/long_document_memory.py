@@ -37,7 +37,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,43 +44,11 @@ import time
 
 import torch
 
-from _common import document_ids, environment, parse_dtype, pick_device, table, write_json
+from _common import current_rss_bytes, document_ids, environment, parse_dtype, pick_device, reset_peak_rss, ru_maxrss_bytes, table, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IGNORE_INDEX = -100
 MiB = 1024 * 1024
-
-
-# --------------------------------------------------------------------------- process memory
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def ru_maxrss_bytes() -> int:
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value if sys.platform == "darwin" else value * 1024  # Linux: KiB
-
-
-def current_rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    return kib * 1024 if kib is not None else ru_maxrss_bytes()
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM and ru_maxrss) for this process."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- worker

@@ -36,7 +36,6 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
