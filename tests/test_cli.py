@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import pytest
 
 from hmt import MemoryState
 from hmt.cli import main

@@ -18,7 +18,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from hmt.lm_eval_model import HMTLM  # noqa: E402
 
-from .conftest import VOCAB, make_backbone, randomize_memory_parameters  # noqa: E402
+from .conftest import VOCAB, randomize_memory_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
