@@ -147,8 +147,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         **common,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    losses = lambda out: [line for line in out.stdout.splitlines() if line.startswith("LOSSES")][0]  # noqa: E731
-    one_losses, two_losses = eval(losses(one)[7:]), eval(losses(two)[7:])
+    def losses(out):
+        lines = [line for line in out.stdout.splitlines() if line.startswith("LOSSES ")]
+        assert len(lines) == 1, out.stdout[-2000:]
+        return json.loads(lines[0][len("LOSSES ") :])
+
+    one_losses, two_losses = losses(one), losses(two)
     assert one_losses == pytest.approx(two_losses, rel=1e-4, abs=1e-5)
     w1 = load_file(str(tmp_path / "one" / "final" / "hmt_weights.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "final" / "hmt_weights.safetensors"))

@@ -1,5 +1,6 @@
 """Run by the DDP test: `accelerate launch --cpu --num_processes 2 -m tests.helpers.ddp_worker OUT BATCH`."""
 
+import os
 import sys
 
 import torch
@@ -13,4 +14,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     config = tiny_config(out, batch_size=batch_size, steps=4)
     result = train(config, backbone=tiny_backbone(), train_data=PatternWindows(), eval_data=eval_documents())
-    print("LOSSES", [round(r["loss"], 6) for r in result.history])
+    if int(os.environ.get("RANK", "0")) == 0:  # one line: two processes printing at once can interleave
+        print("LOSSES", [round(r["loss"], 6) for r in result.history], flush=True)
