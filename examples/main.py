@@ -3,7 +3,9 @@ baselines on held-out long documents, with the pictures that show what the memor
 
     python examples/main.py --out outputs/main
 
-1. The user walkthrough end to end (``examples/walkthrough.py``) -> ``OUT/walkthrough/``.
+1. The user walkthrough end to end (``examples/walkthrough.py``) -> ``OUT/walkthrough/``,
+   its exercise 3 measuring time and peak memory of HMT against the full-attention
+   backbone from 1k to 64k tokens (the backbone up to its 8k context).
 2. The shipped adapter (``hmt.load_pretrained()``) scored on held-out long documents of two
    domains (King James Bible books and Python documentation pages from the test split,
    never trained on) under five protocols; the table is printed and saved.
@@ -55,16 +57,21 @@ def main(argv=None) -> int:
     parser.add_argument("--protocols", default="disjoint,sensory,sliding-2048,recurrence,hmt")
     parser.add_argument("--sliding-stride", type=int, default=1024)
     parser.add_argument("--skip-walkthrough", action="store_true")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                        help="sequence lengths of the measured time/memory comparison (walkthrough exercise 3)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
+    cost = None
     if not args.skip_walkthrough:
         sys.path.insert(0, str(HERE))
         import walkthrough
 
         print("=" * 80 + "\n1. The walkthrough\n" + "=" * 80)
-        walkthrough.main(["--out", str(args.out / "walkthrough")])
+        rows = walkthrough.main(["--out", str(args.out / "walkthrough"), "--lengths", *map(str, args.lengths)])
+        keys = ("tokens", "hmt_s", "backbone_s", "hmt_peak_mib", "backbone_peak_mib")
+        cost = [{k: (None if v != v else v) for k, v in zip(keys, r)} for r in rows]  # NaN: not measured
 
     print("=" * 80 + "\n2. HMT with its trained adapter against baselines, held-out long documents\n" + "=" * 80)
     model, tokenizer = hmt.load_pretrained(args.adapter)
@@ -77,6 +84,7 @@ def main(argv=None) -> int:
     protocols = [p for p in args.protocols.split(",") if p]
     weights.update({p: label for p in protocols if p in ("disjoint", "sensory") or p.startswith("sliding-")})
     weights["hmt"] = f"HMT adapter {args.adapter}"
+    weights["hmt-causal"] = f"HMT adapter {args.adapter}, scored causally"
     weights["recurrence"] = f"HMT adapter {args.adapter}, retrieval off"
     documents = held_out_documents(tokenizer, ["kjv", "python-docs"], args.documents, 8192, args.max_tokens)
     print(f"{len(documents)} held-out documents, {sum(len(d) for _, d in documents)} tokens: "
@@ -97,7 +105,8 @@ def main(argv=None) -> int:
             closed = (results["sensory"].ppl - results["hmt"].ppl) / (results["sensory"].ppl - sliding[0].ppl)
             summary["gap_closed"] = closed
             print(f"HMT closes {100 * closed:.1f}% of the gap from sensory to {sliding[0].protocol}.")
-    ev.save_results(results, args.out / "results.json", {"documents": [n for n, _ in documents], "summary": summary})
+    ev.save_results(results, args.out / "results.json", {"documents": [n for n, _ in documents], "summary": summary,
+                                                          "cost_vs_length": cost})
     ev.plot_segment_ppl(results, args.out / "ppl_by_segment.png", model.config.segment_length)
 
     print("=" * 80 + "\n3. What the memory holds\n" + "=" * 80)

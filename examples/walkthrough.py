@@ -553,7 +553,9 @@ def exercise3_measured(backbone, config: HMTConfig, device: torch.device, out: P
     Both score the same random tokens with ``labels=ids`` (next-token loss). HMT runs
     with memory on and ``return_logits=False``, so it keeps no (T, vocab) logits; the
     backbone attends over the whole sequence at once and materialises all T x vocab
-    logits for its loss, as a plain Hugging Face call does.
+    logits for its loss, as a plain Hugging Face call does. The backbone is measured up
+    to its own context limit (``max_position_embeddings``): beyond it, it is not a model
+    one can use, while HMT goes on at constant memory.
     """
     print("\n=== Exercise 3b: Measured cost, HMT vs full-attention backbone ===")
     print(f"  Config: L={config.segment_length}, j={config.representation_length}, "
@@ -575,14 +577,16 @@ def exercise3_measured(backbone, config: HMTConfig, device: torch.device, out: P
     _measure(lambda: run_hmt(warm), device)
     _measure(lambda: run_backbone(warm), device)
 
+    limit = hmt.backbone.max_positions(backbone) or max(lengths)
     rows = []
     print(f"\n  {'tokens':>7s} | {'HMT s':>7s} {'backbone s':>10s} | {'HMT MiB':>8s} {'backbone MiB':>12s}")
     for T in lengths:
         ids = torch.randint(0, vocab, (1, T), generator=generator).to(device)
         hmt_s, hmt_mib = _measure(lambda: run_hmt(ids), device)
-        bb_s, bb_mib = _measure(lambda: run_backbone(ids), device)
+        bb_s, bb_mib = _measure(lambda: run_backbone(ids), device) if T <= limit else (float("nan"),) * 2
         rows.append((T, hmt_s, bb_s, hmt_mib, bb_mib))
-        print(f"  {T:7d} | {hmt_s:7.2f} {bb_s:10.2f} | {hmt_mib:8.0f} {bb_mib:12.0f}", flush=True)
+        note = "" if T <= limit else f"   (beyond the backbone's {limit}-token context)"
+        print(f"  {T:7d} | {hmt_s:7.2f} {bb_s:10.2f} | {hmt_mib:8.0f} {bb_mib:12.0f}{note}", flush=True)
 
     T_, hmt_s, bb_s, hmt_mib, bb_mib = (list(col) for col in zip(*rows))
     mem_label = "peak allocated (MiB)" if device.type == "cuda" else "peak resident-set growth (MiB, sampled)"
@@ -599,21 +603,28 @@ def exercise3_measured(backbone, config: HMTConfig, device: torch.device, out: P
     ax2.set_title("Measured peak memory per forward", fontsize=14, fontweight="bold")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(T_, [str(t) for t in T_])
+        ax.set_xticks(T_, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in T_])
+        if max(T_) > limit:
+            ax.axvline(limit, color="gray", linestyle="--", linewidth=1, label=f"backbone context limit ({limit})")
         ax.legend(fontsize=11)
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"HMT vs standard transformer, measured on {device}", fontsize=14, fontweight="bold")
     fig.tight_layout()
     save_figure(fig, out, "exercise3_complexity_measured.png")
 
-    time_ratios = ", ".join(f"{h / b:.2f}x at {t}" for t, h, b in zip(T_, hmt_s, bb_s))
-    logits_mib = T_[-1] * vocab * 4 / 2**20
+    time_ratios = ", ".join(f"{h / b:.2f}x at {t}" for t, h, b in zip(T_, hmt_s, bb_s) if b == b)
+    longest = max(t for t, b in zip(T_, bb_s) if b == b) if any(b == b for b in bb_s) else T_[0]
+    logits_mib = longest * vocab * 4 / 2**20
     print(f"\n💡 Measured time, HMT / backbone: {time_ratios}.")
     print(f"   HMT runs {config.cost_ratio:.2f} token-forwards per input token ((k + L + 2) + (j + 2) over L),")
     print(f"   each attending over at most {config.augmented_length} positions: its time grows linearly in T,")
     print("   while the backbone's attention grows with T², so HMT wins only once T is long enough.")
     print(f"   Peak memory: HMT stays flat ({min(hmt_mib):.0f}-{max(hmt_mib):.0f} MiB); the backbone's grows with T")
-    print(f"   (its T x vocab float32 logits alone are {logits_mib:.0f} MiB at T={T_[-1]}).")
+    print(f"   (its T x vocab float32 logits alone are {logits_mib:.0f} MiB at T={longest}).")
+    if max(T_) > limit:
+        print(f"   Beyond {limit} tokens the backbone has no positions left; HMT read {max(T_)} tokens in "
+              f"{hmt_s[-1]:.0f} s and {hmt_mib[-1]:.0f} MiB.")
+    return rows
 
 
 # =========================================================================== main
@@ -629,7 +640,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -646,9 +657,10 @@ def main(argv=None) -> None:
     exercise1_segment_lengths(backbone, tokenizer, device, args.out)
     exercise2_fifo(backbone, device, args.out)
     exercise3_counted(config, args.out)
-    exercise3_measured(backbone, config, device, args.out, args.lengths)
+    rows = exercise3_measured(backbone, config, device, args.out, args.lengths)
 
     print(f"\n🎓 Walkthrough complete in {time.perf_counter() - started:.0f} s; figures in {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -73,3 +73,37 @@ def test_sliding_window_stride_keeps_every_token_once():
     whole = ev.score_with_context(model.backbone, ids, L, 10_000, stride=len(ids))
     for a, b in zip(full[0], whole[0]):
         assert math.isclose(a, b, rel_tol=1e-5)
+
+
+def test_causal_protocol_scores_each_token_from_a_forward_over_the_tokens_before_it():
+    """hmt-causal == token t + 1 scored by the last logits of model(ids[:t + 1]); rows_per_pass only batches."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    # A memory holding three distinct memories and a query that depends on the tokens, so the
+    # search result changes with the tokens seen. (A tiny random model otherwise writes
+    # near-identical memories and its summary is dominated by T: its search barely matters.)
+    start = model.new_memory(1)
+    for _ in range(3):
+        start = start.push(torch.randn(1, model.config.hidden_dim, generator=g) * 0.3, torch.ones(1, dtype=torch.bool), 4)
+    with torch.no_grad():
+        model.memory_search.query.weight.mul_(3)
+        model.representation_encoder.summary_prompt.mul_(0.01)
+    ids = _docs()[0][1][: 2 * L + 5]
+    reference = torch.zeros(len(ids) - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(len(ids) - 1):
+            logits = model(ids[None, : t + 1], memory_state=start).logits[0, -1].float()
+            reference[t] = torch.nn.functional.cross_entropy(logits[None], ids[t + 1 : t + 2]).double()
+    per_segment = [float(reference[s : s + L].sum()) for s in range(0, len(ids) - 1, L)]
+    for rows in (1, 3, 32):
+        nll, count = ev.score_hmt_causal(model, ids, rows_per_pass=rows, memory_state=start)
+        assert count == [L, L, 4]
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(nll, per_segment)), (rows, nll, per_segment)
+    # ... and it is not the teacher-forced score, where the early positions' search saw their targets
+    with torch.no_grad():
+        forced = model(ids[None], labels=ids[None], memory_state=start).segment_nll[0].tolist()
+    error = max(abs(a - b) for a, b in zip(nll, per_segment))
+    assert abs(forced[0] - nll[0]) > 100 * error
+    # From an empty memory the first segment has nothing to search: causal == teacher-forced there.
+    results = ev.evaluate([("a", ids)], hmt_model=model, protocols=["hmt-causal", "hmt"], progress=False)
+    assert math.isclose(results["hmt-causal"].segment_nll[0], results["hmt"].segment_nll[0], rel_tol=1e-5)

@@ -158,7 +158,7 @@ def _eval(args: argparse.Namespace) -> int:
     documents = [(corpus.names[i], torch.as_tensor(corpus.document(i)[: args.max_tokens])) for i in chosen]
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     weights = {p: baseline_label for p in protocols if p in ("disjoint", "sensory") or p.startswith("sliding-")}
-    weights.update(hmt=hmt_label, recurrence=recurrence_label)
+    weights.update({"hmt": hmt_label, "hmt-causal": f"{hmt_label}, scored causally", "recurrence": recurrence_label})
     print(f"[hmt] {len(documents)} documents, {sum(len(d) for _, d in documents)} tokens: "
           + ", ".join(name for name, _ in documents), file=sys.stderr)
     results = ev.evaluate(documents, hmt_model=hmt_model, recurrence_model=recurrence, baseline_backbone=baseline,
@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--documents", type=int, default=4, help="How many documents (spread over the split).")
     evaluate.add_argument("--min-tokens", type=int, default=8192)
     evaluate.add_argument("--max-tokens", type=int, default=8192, help="Score the first this many tokens of each.")
-    evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT))
+    evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT),
+                          help="Comma-separated: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, and "
+                               "hmt-causal (HMT scored strictly causally; ~j extra passes per segment).")
     evaluate.add_argument("--backbone", default=None)
     evaluate.add_argument("--hmt", default=None, help="HMT checkpoint (default: untrained HMT).")
     evaluate.add_argument("--stage1", default=None, help="Stage-1 checkpoint for the recurrence protocol.")

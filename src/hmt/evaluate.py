@@ -11,7 +11,16 @@ overall and by segment index (blocks of L tokens, the same blocks for every prot
                 of context (``sliding-2048``, and ``sliding-max`` = the backbone's maximum)
 ``recurrence``  HMT's memory recurrence without retrieval (the stage-1 model, RMT-like)
 ``hmt``         HMT
+``hmt-causal``  HMT scored strictly causally (slower; see below)
 ==============  ==========================================================================
+
+Teacher-forced HMT (``hmt``, the paper's protocol) computes a segment's memory token P_n
+from its first j tokens, so the first j - 1 positions are predicted with a memory search
+that already saw their targets: information can leak through the N search weights.
+``hmt-causal`` scores token t + 1 with exactly what a full :meth:`HMT.forward` over tokens
+0..t would give (what generation does): for those positions the search is re-run on the
+tokens seen so far. It costs about j extra augmented passes per segment, so run it on a
+sample; its gap to ``hmt`` measures the leak.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import backbone as bb
 from .model import HMT
@@ -103,6 +113,57 @@ def score_hmt(model: HMT, ids: torch.Tensor) -> tuple[list[float], list[int]]:
     return out.segment_nll[0].tolist(), out.segment_tokens[0].tolist()
 
 
+@torch.no_grad()
+def score_hmt_causal(
+    model: HMT, ids: torch.Tensor, rows_per_pass: int = 32, memory_state=None
+) -> tuple[list[float], list[int]]:
+    """HMT over one document, every token scored from the tokens before it only.
+
+    Equal to scoring token t + 1 with the last logits of ``model(ids[:t + 1])`` from the same
+    memory (``memory_state``, default empty), at the cost of one batched pass per
+    ``rows_per_pass`` leading positions of each segment instead of T full forwards.
+    """
+    from .layout import pack_rows, run_packed
+
+    device = model.embedding_layer.weight.device
+    ids = ids.to(device).view(-1)
+    T, L, j = ids.shape[0], model.config.segment_length, model.config.representation_length
+    state = memory_state if memory_state is not None else model.new_memory(1)
+    if state.batch_size != 1 or bool(state.pending_lengths.any()):
+        raise ValueError("score_hmt_causal reads one stream from a memory with no open segment.")
+    seg_nll, seg_count = [], []
+    for start in range(0, T, L):
+        seg = ids[start : start + L].view(1, -1)
+        l = seg.shape[1]
+        targets = ids[start + 1 : start + l + 1]  # the document's last token has no target
+        searches = model.config.use_retrieval and bool(state.cache_mask.any())
+        # Positions t < j - 1 of a searching segment: P_n from tokens 0..t only.
+        early = min(j, l) - 1 if searches else 0
+        hidden, next_state, *_ = model._memory_segment(state, seg, [l])
+        nll = torch.zeros(l, dtype=torch.float64, device=device)
+        logits = bb.lm_logits(model.backbone, hidden[0, early : targets.shape[0]]).float()
+        nll[early : targets.shape[0]] = F.cross_entropy(logits, targets[early:], reduction="none").double()
+        embeds = model.embedding_layer(seg)
+        for first in range(0, early, rows_per_pass):
+            rows = list(range(first, min(first + rows_per_pass, early)))
+            m, lengths = len(rows), [t + 1 for t in rows]
+            row_state = state.select([0] * m)
+            row_embeds = embeds.expand(m, -1, -1)[:, : max(lengths)]
+            recalled, _ = model.read_memory(row_state, row_embeds, lengths)
+            sensory, sensory_lens = model.sensory_embeds(row_state)
+            packed = pack_rows([(recalled.unsqueeze(1).to(embeds.dtype), [1] * m), (sensory, sensory_lens),
+                                (row_embeds, lengths)])
+            out = run_packed(model.backbone, packed)
+            last = torch.as_tensor([o + t for o, t in zip(packed.offsets[2], rows)], device=device)
+            row_logits = bb.lm_logits(model.backbone, out[torch.arange(m, device=device), last]).float()
+            nll[rows[0] : rows[-1] + 1] = F.cross_entropy(row_logits, targets[rows[0] : rows[-1] + 1],
+                                                          reduction="none").double()
+        seg_nll.append(float(nll[: targets.shape[0]].sum()))
+        seg_count.append(int(targets.shape[0]))
+        state = next_state
+    return seg_nll, seg_count
+
+
 def evaluate(
     documents: Sequence[tuple[str, torch.Tensor]],
     *,
@@ -146,6 +207,8 @@ def evaluate(
         for name, ids in tqdm(documents, desc=protocol, disable=not progress, leave=False):
             if protocol == "hmt":
                 nll, count = score_hmt(hmt_model, ids)
+            elif protocol == "hmt-causal":
+                nll, count = score_hmt_causal(hmt_model, ids)
             elif protocol == "recurrence":
                 nll, count = score_hmt(recurrence_model, ids)
             elif protocol == "disjoint":
@@ -157,7 +220,7 @@ def evaluate(
                 stride = min(sliding_stride or L, window)
                 nll, count = score_with_context(backbone, ids, L, max(0, window - stride), stride)
             else:
-                raise ValueError(f"Unknown protocol {protocol!r}; known: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt.")
+                raise ValueError(f"Unknown protocol {protocol!r}; known: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, hmt-causal.")
             result.add(name, nll, count)
         results[protocol] = result
     return results
