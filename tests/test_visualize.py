@@ -50,3 +50,21 @@ def test_passkey_prompt_places_the_key_at_the_distance(tmp_path):
         assert text.index("The pass key is 12345") == 50
     passkey.plot({"hmt": {256: 1.0, 1024: 0.5}, "window": {256: 1.0, 1024: 0.0}}, tmp_path / "passkey.png")
     assert (tmp_path / "passkey.png").stat().st_size > 1000
+
+
+def test_passkey_run_generates_room_for_the_whole_key(monkeypatch):
+    """With one token per character, a 5-digit key needs 6 new tokens: fewer can never match."""
+    from .conftest import make_backbone
+
+    class Tok(CharTokenizer):
+        eos_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(int(i)) for i in ids)
+
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=32, sensory_memory_size=4, num_memory_embeddings=4)).eval()
+    seen = []
+    monkeypatch.setattr(passkey, "_answer", lambda tok, generated: seen.append(len(generated)) or "")
+    results = passkey.run(model, Tok(), [100], trials=1, full_attention_limit=1000, progress=False)
+    assert seen == [8, 8, 8]  # HMT, the window, full attention: len(" 12345") + 2
+    assert results == {"hmt": {100: 0.0}, "window": {100: 0.0}, "full": {100: 0.0}}

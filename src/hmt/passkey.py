@@ -74,15 +74,17 @@ def run(
             key = str(rng.randrange(10 ** (digits - 1), 10**digits))
             prompt = make_prompt(tokenizer, distance, key)
             ids = prompt.ids.to(device).view(1, -1)
-            out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=4)
+            # room for the whole key however it tokenizes (SmolLM2: one token per digit)
+            new = len(tokenizer(" " + key, add_special_tokens=False).input_ids) + 2
+            out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=new)
             hits["hmt"] += key in _answer(tokenizer, out.sequences[0, ids.shape[1] :])
             counts["hmt"] += 1
             window = ids[:, -L:]
-            gen = backbone.generate(window, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            gen = backbone.generate(window, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             hits["window"] += key in _answer(tokenizer, gen[0, window.shape[1] :])
             counts["window"] += 1
             if full_attention_limit and ids.shape[1] <= full_attention_limit:
-                gen = backbone.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                gen = backbone.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
                 hits["full"] += key in _answer(tokenizer, gen[0, ids.shape[1] :])
                 counts["full"] += 1
         for name in results:
