@@ -1,15 +1,16 @@
-"""Generation with HMT: per-token decode latency over one segment, and memory that stays flat.
+"""Generation with HMT: per-token decode latency over one segment, batched decoding, and
+memory that stays flat.
 
 Default setting (the issue's): SmolLM2-135M, L=256, j=128, k=32, N=300, float32,
 torch.no_grad, greedy decoding, real text (Python standard-library source) as prompts.
 
-1. Decode latency. A prompt of a whole number of segments (default 1024 tokens = 4) is
-   given to HMT.generate, so its last segment is open and *full*: the first generated
-   token closes it (one KV-cached step feeding the trailing memory token) and opens a new
-   segment, and L=256 generated tokens then fill that new segment exactly -- one whole
-   segment of decoding, segment-closing step included. Decode time runs from the moment
-   the first token's logits exist (prefill done) to the last step, timed with a streamer
-   (its ``put(prompt)`` marks the end of prefill, each ``put(token)`` one step), so
+1. Decode latency (--parts latency). A prompt of a whole number of segments (default 1024
+   tokens = 4) is given to HMT.generate, so its last segment is open and *full*: the first
+   generated token closes it (one KV-cached step feeding the trailing memory token) and
+   opens a new segment, and L=256 generated tokens then fill that new segment exactly --
+   one whole segment of decoding, segment-closing step included. Decode time runs from the
+   moment the first token's logits exist (prefill done) to the last step, timed with a
+   streamer (its ``put(prompt)`` marks the end of prefill, each ``put(token)`` one step), so
    prefill is excluded on both sides. Every step feeds one token and produces the next
    logits, i.e. L steps for L tokens, on both sides. The closed segments of the prompt
    are read once (``model(...)``) and their memory reused by every repetition; each
@@ -19,9 +20,10 @@ torch.no_grad, greedy decoding, real text (Python standard-library source) as pr
    processes hits all of them alike); medians and paired per-repetition ratios:
 
      hmt_exact      generate(exact_retrieval=True): bit-exact with full forwards. While the
-                    new segment holds < j tokens its memory token P_n changes every step,
-                    so [P_n | sensory | open] (and the encoding pass [T | E[:i] | T]) are
-                    recomputed every step; KV-cached from the j-th token on.
+                    new segment holds t < j tokens its memory token P_n changes every step,
+                    so [P_n | sensory | E[:t]] is recomputed every step; the encoding pass
+                    [T | E[:t] | T] is incremental (a KV cache over [T | E[:t]] takes the
+                    new token and T as a 2-position step); KV-cached from the j-th token on.
      hmt_fast       generate(exact_retrieval=False): one memory search per segment, every
                     step KV-cached.
      plain_matched  the plain backbone, HF KV cache, manual greedy loop
@@ -32,34 +34,54 @@ torch.no_grad, greedy decoding, real text (Python standard-library source) as pr
      plain_prompt   the same loop over the whole prompt (context T+i): what decoding this
                     prompt with the plain backbone costs (needs T+L <= its position limit).
 
-   Where the time goes: each step is classified from the calls HMT's decoding stream
-   makes (wrapped, not changed): "close + reopen" (the segment-closing step), "recompute"
-   (the augmented prefix run again, exact mode), "cached" (one KV-cached position).
+   Where the time goes: each step is classified from the calls HMT's decoder
+   (``hmt.generation._Decoder``) makes (wrapped, not changed): "close + reopen" / "close +
+   recompute" (the segment-closing step), "recompute" (the augmented prefix run again,
+   exact mode, t < j), "P final: reopen" (t = j: the prefix once more, keeping its KV
+   cache), "cached" (one KV-cached position); per step the time in the incremental
+   encoding, the memory search, the prefix runs, the cached step, the memory write.
+   Then the exact-mode bound: the prefix recomputes of steps 1..j cannot be avoided (every
+   position after P_n attends to it), so exact mode cannot beat
+   (sum of those prefix runs + (L-j+1) plain steps) / (L plain steps), computed from the
+   measured per-step costs.
 
-2. Memory stays flat. ``generate`` on a --long-tokens (default 100,000) prompt followed by
-   --gen-tokens (1,000) generated tokens, against a --short-tokens (4,096) prompt with the
-   same generation, each in its own subprocess. Per run: RSS after loading the model and
-   a warm-up generate (weights touched, lazy library state built), then the peak of the
-   generate call itself (the kernel's high-water mark is reset after loading through
-   /proc/self/clear_refs, then read as ru_maxrss and VmHWM); working memory = peak - after
-   load. On CUDA: torch.cuda.max_memory_allocated minus the allocation after load.
-   Target: long/short <= 1.1. "live at end" is the RSS after the output is dropped and
-   glibc's free heap is handed back (malloc_trim): RSS the allocator merely retains is not
-   live tensors. --malloc-mmap-threshold BYTES runs the workers with glibc's
-   MALLOC_MMAP_THRESHOLD_ (blocks that large are mmapped, returned on free): a diagnosis
-   of allocator retention, as in long_document_memory.py.
+2. Memory stays flat (--parts memory). ``generate`` on a --long-tokens (default 100,000)
+   prompt followed by --gen-tokens (1,000) generated tokens, against a --short-tokens
+   (4,096) prompt with the same generation, each in its own subprocess. Per run: RSS after
+   loading the model and a warm-up generate (weights touched, lazy library state built),
+   then the peak of the generate call itself (the kernel's high-water mark is reset after
+   loading through /proc/self/clear_refs, then read as ru_maxrss and VmHWM); working
+   memory = peak - after load. On CUDA: torch.cuda.max_memory_allocated minus the
+   allocation after load. Target: long/short <= 1.1. "live at end" is the RSS after the
+   output is dropped and glibc's free heap is handed back (malloc_trim): RSS the allocator
+   merely retains is not live tensors. --malloc-mmap-threshold BYTES runs the workers with
+   glibc's MALLOC_MMAP_THRESHOLD_ (blocks that large are mmapped, returned on free): a
+   diagnosis of allocator retention, as in long_document_memory.py.
+
+3. Batched decoding (--parts batch). --batch (4) prompts of --prompt-tokens (1024) tokens,
+   consecutive stretches of the same text, closed segments read once; each row decodes L
+   tokens from its segment boundary. Variants, interleaved per repetition: HMT's
+   ``generate`` on the batch (one batched backbone call per kind of step) and on each row
+   alone (the decode times of the B calls summed), in exact and fast mode; the plain
+   backbone's own greedy KV-cached loop on the batch (B rows of k+1 tokens, as
+   plain_matched) and on each row alone. Decode time runs from the end of the decoder's
+   set-up (the open segments' prefill) to the end of its last step. Reported: tokens/s,
+   HMT's speed-up batch B vs B x 1, the plain backbone's, and HMT / plain time at batch B,
+   and whether the batch rows equal the rows alone.
 
 Threads and clocks: OMP_WAIT_POLICY=PASSIVE is set before torch is imported and --threads
 defaults to 1. Both wall time and this process's CPU time are recorded; on a shared CPU
 the CPU time with one thread is the steadier figure, so the headline uses it on a CPU
 device (--clock to change) and wall on CUDA.
 
-    python benchmarks/generation.py --json gen.json        # everything: ~7 min CPU for the latency part,
-                                                           # ~15 min CPU for the 100k-token memory run
+    python benchmarks/generation.py --json gen.json        # everything: ~10 min CPU for the latency part,
+                                                           # ~25 min for the batch part, ~15 min for memory
     python benchmarks/generation.py --parts latency        # decode latency only
+    python benchmarks/generation.py --parts batch --batch 4
     python benchmarks/generation.py --parts memory --long-tokens 100000 --memory-mode fast
     python benchmarks/generation.py --parts memory --malloc-mmap-threshold 131072   # allocator diagnosis
-    python benchmarks/generation.py --quick                # smoke run, small config, ~1-3 min
+    python benchmarks/generation.py --parts memory --json results.json --merge      # keep the other parts' figures
+    python benchmarks/generation.py --quick                # smoke run, small config, a few minutes
 
 (Wall times on a shared CPU are 2-3x the CPU times.)
 """
@@ -133,15 +155,22 @@ class Stamps:
 
 
 class StreamProbe:
-    """Wraps the calls of HMT's decoding stream (``hmt.generation._Stream``) and
-    ``model.read_memory`` to log what each step did; nothing in hmt is changed."""
+    """Wraps the methods of HMT's decoder (``hmt.generation._Decoder``) and the memory
+    search to log what each decode step did; nothing in hmt is changed.
 
-    NAMES = ("_reopen", "_close", "_step_cached")
+    Per step: its kind and the time spent in each wrapped call. ``encode`` (the incremental
+    encoding step), ``search`` (memory search), ``prefix`` ([P|sensory|E] run again, with
+    or without keeping its KV cache), ``cached`` (the batched KV-cached step), ``close``
+    (writing m_n), ``search_once`` (fast mode: encoding + search once per segment)."""
+
+    NAMES = ("_cached_step", "_close", "_encode", "_recompute", "_reopen", "_search_once")
+    PARTS = {"encode": ("_encode",), "search": ("memory_search",), "prefix": ("_recompute", "_reopen"),
+             "cached": ("_cached_step",), "close": ("_close",), "search_once": ("_search_once",)}
 
     def __init__(self, model, device: torch.device):
         from hmt import generation
 
-        self.cls = generation._Stream
+        self.cls = generation._Decoder
         self.model, self.device = model, device
         self.events: list[tuple[str, int, float, float, float, float]] = []  # name, depth, start/end wall, cpu
         self.depth = 0
@@ -168,20 +197,21 @@ class StreamProbe:
         for name in self.NAMES:
             self.originals[name] = getattr(self.cls, name)
             setattr(self.cls, name, self._wrap(name, self.originals[name]))
-        self.model.read_memory = self._wrap("read_memory", type(self.model).read_memory.__get__(self.model))
+        search = self.model.memory_search
+        search.forward = self._wrap("memory_search", type(search).forward.__get__(search))
 
     def remove(self) -> None:
         for name, fn in self.originals.items():
             setattr(self.cls, name, fn)
         self.originals.clear()
-        if "read_memory" in self.model.__dict__:
-            del self.model.__dict__["read_memory"]
+        self.model.memory_search.__dict__.pop("forward", None)
 
     def reset(self) -> None:
         self.events = []
 
-    def classify(self, stamps: Stamps) -> list[dict]:
-        """Per decode step: its kind and the time spent in the memory read (encoding + search)."""
+    def classify(self, stamps: "Stamps") -> list[dict]:
+        """Per decode step: its kind and, per clock, the seconds in each part (and ``other``:
+        the step minus its top-level calls: token choice, bookkeeping, packing, LM head)."""
         marks = stamps.marks
         steps = []
         for s in range(1, len(marks) - 1):
@@ -189,20 +219,60 @@ class StreamProbe:
             inside = [e for e in self.events if e[2] >= w0 and e[3] <= w1]
             top = {e[0] for e in inside if e[1] == 0}
             if "_close" in top:
-                kind = "close + reopen" if "_reopen" in top else "close + cached"
+                kind = "close + reopen" if "_reopen" in top else "close + recompute"
             elif "_reopen" in top:
+                kind = "P final: reopen"
+            elif "_recompute" in top:
                 kind = "recompute"
-            elif "_step_cached" in top:
+            elif "_cached_step" in top:
                 kind = "cached"
             else:
                 kind = "other"
-            read = [e for e in inside if e[0] == "read_memory"]
-            steps.append({
-                "kind": kind,
-                "read_memory_wall_s": sum(e[3] - e[2] for e in read),
-                "read_memory_cpu_s": sum(e[5] - e[4] for e in read),
-            })
+            info = {"kind": kind}
+            for c, (i0, i1) in (("wall", (2, 3)), ("cpu", (4, 5))):
+                step = marks[s + 1][0 if c == "wall" else 1] - marks[s][0 if c == "wall" else 1]
+                parts = {part: sum(e[i1] - e[i0] for e in inside if e[0] in names) for part, names in self.PARTS.items()}
+                parts["other"] = step - sum(e[i1] - e[i0] for e in inside if e[1] == 0)
+                info[c] = parts
+            steps.append(info)
         return steps
+
+
+class DecodeClock:
+    """Decode time of a (batched) ``generate``: from the end of the decoder's set-up (the
+    open segments' prefill) to the end of its last step; wraps ``hmt.generation._Decoder``."""
+
+    def __init__(self, device: torch.device):
+        from hmt import generation
+
+        self.cls, self.device = generation._Decoder, device
+        self.marks: list[tuple[float, float]] = []
+
+    def _now(self) -> tuple[float, float]:
+        synchronize(self.device)
+        return time.perf_counter(), time.process_time()
+
+    def __enter__(self):
+        clock = self
+        self.init, self.advance = self.cls.__init__, self.cls.advance
+
+        def init(decoder, *args, **kwargs):
+            clock.init(decoder, *args, **kwargs)
+            clock.marks.append(clock._now())
+
+        def advance(decoder, *args, **kwargs):
+            clock.advance(decoder, *args, **kwargs)
+            clock.marks.append(clock._now())
+
+        self.cls.__init__, self.cls.advance = init, advance
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.__init__, self.cls.advance = self.init, self.advance
+
+    def figures(self) -> dict:
+        t0, t1 = self.marks[0], self.marks[-1]
+        return {"wall": {"decode_s": t1[0] - t0[0]}, "cpu": {"decode_s": t1[1] - t0[1]}, "steps": len(self.marks) - 1}
 
 
 # --------------------------------------------------------------------------- variants
@@ -220,26 +290,52 @@ def run_hmt(model, open_ids, prefix_state, steps: int, exact: bool, device, prob
 
 
 def run_plain(backbone, prompt_ids, steps: int, device):
-    """Greedy decoding with the backbone's own KV cache: L steps, each one token in, logits out."""
+    """Greedy decoding with the backbone's own KV cache: L steps, each one token per row in,
+    logits out (``prompt_ids (B, n)``: B rows of the same length decode as one batch)."""
     from hmt import backbone as bb
 
     name = bb.cache_argument(bb.unwrap(backbone))
     stamps = Stamps(device)
     out = backbone(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
-    cache, logits = out[name], out.logits[0, -1]
+    cache, logits = out[name], out.logits[:, -1]
     stamps.put(prompt_ids)
     tokens = []
     for _ in range(steps):
-        token = int(logits.float().argmax(-1))
+        token = logits.float().argmax(-1, keepdim=True)  # (B, 1)
         tokens.append(token)
         stamps.put(token)
-        out = backbone(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{name: cache})
-        cache, logits = out[name], out.logits[0, -1]
+        out = backbone(input_ids=token, use_cache=True, **{name: cache})
+        cache, logits = out[name], out.logits[:, -1]
     stamps.end()
     fig = stamps.figures()
-    fig["tokens"] = tokens
+    chosen = torch.cat(tokens, 1) if tokens else prompt_ids.new_zeros(prompt_ids.shape[0], 0)
+    fig["tokens"] = chosen[0].tolist() if chosen.shape[0] == 1 else chosen.tolist()
     fig["context_end"] = cache.get_seq_length()
     return fig
+
+
+def exact_bound(exact: dict, plain_step: float, L: int, j: int, k: int, med: dict) -> dict:
+    """The lowest exact-mode ratio: the prefix recomputes of steps 1..j are unavoidable (P_n
+    changes with each of the first j tokens); everything else at the plain step's price
+    (the closing step feeds one position, as a plain step does). ``bound_ideal`` prices
+    those prefix positions at the full-pass price per position of the longest one (t = j)."""
+    steps = exact["per_step_s"]
+    parts = exact["per_step_parts_s"]
+    prefix = [parts["prefix"][t - 1] for t in range(1, j + 1)]
+    positions = [1 + k + t for t in range(1, j + 1)]
+    bound_s = sum(prefix) + (L - j + 1) * plain_step
+    per_position = sum(prefix) / sum(positions)
+    best_per_position = prefix[-1] / positions[-1]
+    ideal_s = best_per_position * sum(positions) + (L - j + 1) * plain_step
+    measured = sum(steps)
+    return {
+        "measured_s": measured, "measured_ratio": measured / (L * plain_step),
+        "median_ratio_of_medians": med["hmt_exact"] / med["plain_matched"],
+        "encode_s": sum(parts["encode"]), "search_s": sum(parts["search"]), "prefix_s": sum(prefix),
+        "prefix_positions": sum(positions), "prefix_s_per_position": per_position,
+        "bound_s": bound_s, "bound_ratio": bound_s / (L * plain_step),
+        "bound_ideal_s": ideal_s, "bound_ideal_ratio": ideal_s / (L * plain_step), "plain_step_s": plain_step,
+    }
 
 
 # --------------------------------------------------------------------------- part 1
@@ -346,11 +442,12 @@ def latency(args, device, dtype) -> dict:
     breakdown = {}
     rows = []
     plain_step = median([median(r[clock]["steps_s"]) for r in runs["plain_matched"]])
+    part_names = list(StreamProbe.PARTS) + ["other"]
     for v in HMT_VARIANTS:
         info = runs[v][0]["step_info"]
         n = len(info)
         step_med = [median([r[clock]["steps_s"][s] for r in runs[v]]) for s in range(n)]
-        read_med = [median([r["step_info"][s][f"read_memory_{clock}_s"] for r in runs[v]]) for s in range(n)]
+        part_med = {p: [median([r["step_info"][s][clock][p] for r in runs[v]]) for s in range(n)] for p in part_names}
         total = sum(step_med)
         kinds = defaultdict(list)
         for s, st in enumerate(info):
@@ -358,16 +455,22 @@ def latency(args, device, dtype) -> dict:
         breakdown[v] = {}
         for kind, idx in kinds.items():
             t = sum(step_med[s] for s in idx)
-            r = sum(read_med[s] for s in idx)
+            parts = {p: sum(part_med[p][s] for s in idx) for p in part_names}
             breakdown[v][kind] = {"steps": len(idx), "first_step": idx[0] + 1, "last_step": idx[-1] + 1,
-                                  "total_s": t, "mean_step_s": t / len(idx), "read_memory_s": r, "share": t / total}
+                                  "total_s": t, "mean_step_s": t / len(idx), "share": t / total,
+                                  "parts_s": parts}
             rows.append([v, kind, f"{idx[0] + 1}..{idx[-1] + 1}", len(idx), 1e3 * t / len(idx), 1e3 * t,
-                         f"{100 * t / total:.1f}%", f"{100 * r / max(t, 1e-12):.0f}%", t / len(idx) / plain_step])
+                         f"{100 * t / total:.1f}%", *[1e3 * parts[p] / len(idx) for p in part_names],
+                         t / len(idx) / plain_step])
         breakdown[v]["per_step_s"] = step_med
+        breakdown[v]["per_step_parts_s"] = part_med
     print(f"\nWhere HMT's decode time goes ({clock} clock; per kind of step, medians over repetitions; "
-          f"plain_matched step = {1e3 * plain_step:.1f} ms)")
+          f"plain_matched step = {1e3 * plain_step:.1f} ms; part columns in ms per step)")
     print(table(["variant", "step kind", "steps", "n", "ms/step", "ms per segment", "share of segment",
-                 "in memory read", "vs plain step"], rows))
+                 *part_names, "vs plain step"], rows))
+    print("  encode: incremental encoding step [E_t, T]; search: memory search; prefix: [P|sensory|E] run again; "
+          "cached: the KV-cached step (feeding P_n when closing); close: writing m_n; search_once: fast mode's one "
+          "encoding + search per segment; other: token choice, LM head, bookkeeping")
 
     # per-step profile along the segment
     bins = sorted({1, 2, max(2, j // 4), max(2, j // 2), max(2, 3 * j // 4), j, j + 1, max(j + 1, (j + L) // 2), L + 1})
@@ -390,19 +493,29 @@ def latency(args, device, dtype) -> dict:
     print(f"  tokens: exact and fast agree on the first {agree} of {L} (untrained memory parameters: "
           "the two modes may diverge as soon as their memory tokens differ)")
 
-    exact = breakdown["hmt_exact"]
-    rec = exact.get("recompute", {"total_s": 0.0, "steps": 0})
-    cached_mean = exact.get("cached", {"mean_step_s": plain_step})["mean_step_s"]
-    if_cached = (sum(exact["per_step_s"]) - rec["total_s"] + rec["steps"] * cached_mean) / L
-    print(f"  exact mode: {rec['steps']} recompute steps take {100 * rec['total_s'] / sum(exact['per_step_s']):.0f}% of "
-          f"its segment; were they cached steps it would decode at {1e3 * if_cached:.1f} ms/token "
-          f"({if_cached / med[clock]['plain_matched']:.2f}x plain_matched).")
+    bound = exact_bound(breakdown["hmt_exact"], plain_step, L, j, k, med[clock])
+    print(f"\nExact mode, the lowest ratio it can reach ({clock} clock): while a segment holds t < j tokens P_n "
+          f"changes with each token, so steps 1..j must run [P_n | sensory | E[:t]] again (1+{k}+t positions; no "
+          f"position after P_n can be reused).")
+    print(table(["measure", "ms per segment", "ms/token", "vs plain_matched"], [
+        ["exact mode as measured", 1e3 * bound["measured_s"], 1e3 * bound["measured_s"] / L, bound["measured_ratio"]],
+        ["  of which incremental encoding", 1e3 * bound["encode_s"], 1e3 * bound["encode_s"] / L, float("nan")],
+        ["  of which prefix recomputes, steps 1..j", 1e3 * bound["prefix_s"], 1e3 * bound["prefix_s"] / L,
+         float("nan")],
+        ["bound: those prefixes + (L-j+1) plain steps", 1e3 * bound["bound_s"], 1e3 * bound["bound_s"] / L,
+         bound["bound_ratio"]],
+        ["bound: prefixes at the full-pass price per position", 1e3 * bound["bound_ideal_s"],
+         1e3 * bound["bound_ideal_s"] / L, bound["bound_ideal_ratio"]],
+    ]))
+    print(f"  prefix recomputes: {bound['prefix_positions']} backbone positions per segment, "
+          f"{1e3 * bound['prefix_s_per_position']:.2f} ms/position measured; a plain step is "
+          f"{1e3 * plain_step:.1f} ms. Fast mode (one search per segment) is not bound by this.")
 
     return {
         "config": config.to_dict(), "prompt_tokens": T, "generated": L, "variants": variants, "headline_clock": clock,
         "prefix_read_s": prefix_s, "per_token_s": per_token, "median_per_token_s": med, "prefill_s": prefill,
         "ratios": ratios, "breakdown": breakdown, "exact_fast_agree_prefix": agree,
-        "exact_if_recompute_were_cached_s": if_cached,
+        "exact_bound": bound,
         "target_le_1_1": {key: val["paired_median"] <= 1.1 for key, val in ratios.items()},
         "runs": {v: [{c: {kk: vv for kk, vv in r[c].items()} for c in ("wall", "cpu")} for r in runs[v]] for v in variants},
     }
@@ -596,10 +709,124 @@ def memory(args, device) -> dict:
     return {"lengths": lengths, "results": [results[n] for n in lengths], "ratios": ratios, "target_le_1_1": target}
 
 
+# --------------------------------------------------------------------------- part 3
+def batched(args, device, dtype) -> dict:
+    """HMT's batched decoding against the same rows one at a time, and the plain backbone's own
+    batched KV-cached decoding as the reference."""
+    import hmt
+    from hmt import HMT, HMTConfig, MemoryState
+    from hmt import backbone as bb
+
+    clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
+    backbone, tokenizer = hmt.load_backbone(args.backbone, dtype=dtype, device=device)
+    torch.manual_seed(0)
+    config = HMTConfig(segment_length=args.segment_length, representation_length=args.representation_length,
+                       sensory_memory_size=args.sensory, num_memory_embeddings=args.num_memory)
+    model = HMT(backbone, config).eval()
+    L, j, k, B = config.segment_length, config.representation_length, config.sensory_memory_size, args.batch
+    segments = max(1, -(-args.prompt_tokens // L))
+    T = segments * L
+    prompts = document_ids(tokenizer, B * T).to(device).view(B, T)  # B different prompts of the same text
+    print(f"\n=== 3. Batched decoding ===\nbackbone {type(bb.unwrap(backbone)).__name__} on {device}, {dtype}, "
+          f"torch threads {torch.get_num_threads()}; L={L}, j={j}, k={k}; {B} prompts of {T} tokens ({segments} "
+          f"segments, consecutive stretches of Python stdlib source); {L} generated tokens per row from the segment "
+          f"boundary; modes {', '.join(args.batch_modes)}; {args.batch_repeats} repetitions; headline clock: {clock}")
+    with torch.no_grad():  # the closed segments of every prompt, read once
+        states = []
+        for i in range(B):
+            state = model.new_memory(1)
+            if T > L:
+                state = model(prompts[i : i + 1, : T - L], memory_state=state, return_logits=False).memory_state
+            states.append(state)
+    open_ids = prompts[:, T - L:]
+
+    def hmt_run(rows, exact: bool, steps: int) -> dict:
+        state = MemoryState.cat([states[i] for i in rows])
+        with DecodeClock(device) as stamps:
+            out = model.generate(open_ids[rows], memory_state=state, max_new_tokens=steps, exact_retrieval=exact,
+                                 do_sample=False)
+        fig = stamps.figures()
+        fig["tokens"] = out.sequences[:, L:].tolist()
+        return fig
+
+    def plain_run(rows, steps: int) -> dict:
+        fig = run_plain(backbone, prompts[rows, T - (k + 1):], steps, device)
+        tokens = fig["tokens"]
+        return {"wall": {"decode_s": fig["wall"]["decode_s"]}, "cpu": {"decode_s": fig["cpu"]["decode_s"]},
+                "tokens": tokens if len(rows) > 1 else [tokens]}
+
+    def one_at_a_time(run, steps: int) -> dict:
+        figs = [run([i], steps) for i in range(B)]
+        return {"wall": {"decode_s": sum(f["wall"]["decode_s"] for f in figs)},
+                "cpu": {"decode_s": sum(f["cpu"]["decode_s"] for f in figs)},
+                "tokens": [t for f in figs for t in f["tokens"]]}
+
+    everyone = list(range(B))
+    runners = {}
+    for mode in args.batch_modes:
+        exact = mode == "exact"
+        runners[f"hmt_{mode}_batch{B}"] = lambda n, e=exact: hmt_run(everyone, e, n)
+        runners[f"hmt_{mode}_{B}x1"] = lambda n, e=exact: one_at_a_time(lambda rows, m: hmt_run(rows, e, m), n)
+    runners[f"plain_batch{B}"] = lambda n: plain_run(everyone, n)
+    runners[f"plain_{B}x1"] = lambda n: one_at_a_time(plain_run, n)
+    variants = list(runners)
+    runs = {v: [] for v in variants}
+    with torch.no_grad():
+        for v in variants:  # warm-up
+            runners[v](min(4, L))
+        for rep in range(args.batch_repeats):
+            order = variants[rep % len(variants):] + variants[: rep % len(variants)]
+            line = []
+            for v in order:
+                gc.collect()
+                fig = runners[v](L)
+                runs[v].append(fig)
+                line.append(f"{v} {fig['wall']['decode_s']:.1f}/{fig['cpu']['decode_s']:.1f}s")
+            print(f"  rep {rep + 1}/{args.batch_repeats} decode wall/cpu: " + ", ".join(line), flush=True)
+
+    tokens = B * L
+    med = {c: {v: median([r[c]["decode_s"] for r in runs[v]]) for v in variants} for c in ("wall", "cpu")}
+    rows = [[v, 1e3 * med["wall"][v] / tokens, 1e3 * med["cpu"][v] / tokens, tokens / med["wall"][v],
+             tokens / med["cpu"][v]] for v in variants]
+    print(f"\nDecoding {B} rows x {L} tokens (medians over {args.batch_repeats} repetitions; prefill excluded)")
+    print(table(["variant", "ms/token wall", "ms/token cpu", "tokens/s wall", "tokens/s cpu"], rows))
+
+    def paired(a: str, b: str, c: str) -> list[float]:
+        return [x[c]["decode_s"] / y[c]["decode_s"] for x, y in zip(runs[a], runs[b])]
+
+    ratios, rows = {}, []
+    comparisons = []
+    for mode in args.batch_modes:
+        comparisons += [(f"hmt_{mode}_{B}x1", f"hmt_{mode}_batch{B}", f"HMT {mode}: speed-up of batch {B} over {B} x 1"),
+                        (f"hmt_{mode}_batch{B}", f"plain_batch{B}", f"HMT {mode} / plain, both batch {B} (time)"),
+                        (f"hmt_{mode}_{B}x1", f"plain_{B}x1", f"HMT {mode} / plain, both {B} x 1 (time)")]
+    comparisons.append((f"plain_{B}x1", f"plain_batch{B}", f"plain: speed-up of batch {B} over {B} x 1"))
+    for a, b, label in comparisons:
+        for c in ("wall", "cpu"):
+            values = paired(a, b, c)
+            ratios[f"{c}:{a}/{b}"] = {"paired_median": median(values), "paired_all": values,
+                                      "of_medians": med[c][a] / med[c][b], "label": label}
+            if c == clock:
+                rows.append([label, c, median(values), min(values), max(values), med[c][a] / med[c][b]])
+    print(f"\nRatios ({clock} clock; median of per-repetition paired ratios)")
+    print(table(["ratio", "clock", "paired median", "min", "max", "of medians"], rows))
+
+    agree = {}
+    for mode in args.batch_modes:
+        batch, single = runs[f"hmt_{mode}_batch{B}"][0]["tokens"], runs[f"hmt_{mode}_{B}x1"][0]["tokens"]
+        agree[mode] = [next((s for s, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(batch, single)]
+        print(f"  {mode}: batch rows equal the rows alone for the first {agree[mode]} of {L} tokens")
+    return {
+        "config": config.to_dict(), "batch": B, "prompt_tokens": T, "generated_per_row": L, "modes": args.batch_modes,
+        "headline_clock": clock, "median_decode_s": med, "ratios": ratios, "batch_equals_alone_prefix": agree,
+        "runs": {v: [{c: r[c] for c in ("wall", "cpu")} for r in runs[v]] for v in variants},
+    }
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=("latency", "memory"), default=["latency", "memory"])
+    p.add_argument("--parts", nargs="+", choices=("latency", "batch", "memory"), default=["latency", "batch", "memory"])
     p.add_argument("--backbone", default=None, help="backbone name or path (default: SmolLM2-135M)")
     p.add_argument("--segment-length", "-L", type=int, default=256)
     p.add_argument("--representation-length", "-j", type=int, default=128)
@@ -608,6 +835,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=1024,
                    help="latency: prompt length, rounded up to whole segments (default 1024)")
     p.add_argument("--repeats", type=int, default=3, help="latency: timed repetitions of each variant (interleaved)")
+    p.add_argument("--batch", type=int, default=4, help="batch: rows decoded together (default 4)")
+    p.add_argument("--batch-repeats", type=int, default=2, help="batch: timed repetitions of each variant")
+    p.add_argument("--batch-modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"],
+                   help="batch: HMT decoding modes to time")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="headline clock of the latency part (auto: cpu on a CPU device, wall on CUDA)")
     p.add_argument("--long-tokens", type=int, default=100_000, help="memory: the long prompt (default 100000)")
@@ -625,13 +856,15 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="smoke run: L=64 j=32 k=8, 128-token prompt, 1 repetition; memory 2048 vs 512 tokens, 64 generated")
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    p.add_argument("--merge", action="store_true",
+                   help="with --json: keep the parts of an existing file that this run does not measure")
     p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.segment_length, args.representation_length, args.sensory = 64, 32, 8
-        args.prompt_tokens, args.repeats = 128, 1
+        args.prompt_tokens, args.repeats, args.batch_repeats = 128, 1, 1
         args.long_tokens, args.short_tokens, args.gen_tokens = 2048, 512, 64
     return args
 
@@ -645,11 +878,16 @@ def main(argv=None) -> dict:
         return {"ok": True}
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype)
-    payload = {"args": vars(args), "environment": environment(device)}
-    if "latency" in args.parts:
-        payload["latency"] = latency(args, device, dtype)
-    if "memory" in args.parts:
-        payload["memory"] = memory(args, device)
+    payload = {}
+    run = {"command": "python benchmarks/generation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "args": vars(args), "environment": environment(device)}
+    for part, measure in (("latency", lambda: latency(args, device, dtype)), ("batch", lambda: batched(args, device, dtype)),
+                          ("memory", lambda: memory(args, device))):
+        if part in args.parts:
+            payload[part] = {**measure(), "run": run}
+    if args.merge and args.json and os.path.exists(args.json):  # read at the end: runs side by side both merge
+        with open(args.json) as f:
+            payload = {**json.load(f), **payload}
     write_json(args.json, payload)
     return payload
 

@@ -137,8 +137,8 @@ def test_fast_decoding_searches_once_per_segment():
     model = build("llama")
     ids = prompt(13, seed=10)
     calls = []
-    original = model.read_memory
-    model.read_memory = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = model.memory_search.forward
+    model.memory_search.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     fast = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=3 * L, exact_retrieval=False)
     fast_calls, calls[:] = len(calls), []
     exact = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=3 * L)
@@ -147,6 +147,153 @@ def test_fast_decoding_searches_once_per_segment():
     assert len(calls) > fast_calls  # exact mode searches again while a new segment has < j tokens
     assert fast.sequences.shape == exact.sequences.shape
     assert torch.equal(fast.sequences[:, : 13 + (L - 5)], exact.sequences[:, : 13 + (L - 5)])  # same until the first new segment
+
+
+def test_exact_decoding_encodes_incrementally():
+    """Exact mode never runs the whole encoding pass [T | E[:t] | T] while decoding: each step
+    feeds two positions through a KV cache (and equality with full forwards still holds)."""
+    model = build("llama")
+    ids = prompt(2 * L + 3, seed=12)
+    first = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=1)
+    calls = []
+    original = model.representation_encoder.forward
+    model.representation_encoder.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    rest = model.generate(None, memory_state=first.memory_state, max_new_tokens=2 * L + 2)
+    assert calls == []
+    steps = 2 * L + 3
+    assert torch.cat([first.sequences, rest.sequences], 1).tolist() == argmax_loop(model, ids, steps).tolist()
+
+
+def sliding_gemma3(window: int = 3) -> HMT:
+    """Gemma-3 with a sliding window shorter than a segment, next to a full-attention layer."""
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import _configs
+
+    config = _configs()["gemma3"]
+    config.sliding_window, config.layer_types = window, ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = HMT(backbone, HMTConfig(segment_length=L, representation_length=J + 2, sensory_memory_size=K,
+                                    num_memory_embeddings=N)).eval()
+    randomize_memory_parameters(model)
+    return model
+
+
+def test_greedy_equals_argmax_with_a_short_sliding_window():
+    model = sliding_gemma3()
+    ids = prompt(13, seed=13)
+    out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=2 * L + 2)
+    assert torch.equal(out.sequences, argmax_loop(model, ids, 2 * L + 2))
+
+
+def ragged_batch(lengths, seed: int = 20):
+    """Left-padded prompts of ``lengths``: ids, attention mask, and each row alone."""
+    rows = [prompt(n, seed=seed + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.stack([torch.cat([torch.full((width - len(r),), 2), r]) for r in rows])
+    mask = torch.stack([(torch.arange(width) >= width - len(r)).long() for r in rows])
+    return ids, mask, rows
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "gemma3-window3"])
+def test_batch_rows_cross_boundaries_at_different_steps(arch, exact, monkeypatch):
+    """4 rows whose open segments hold 3, 5, 6 and 8 tokens: they close segments at different
+    steps, P_n becomes final at different steps; each row decodes as it would alone, and the
+    KV-cached steps of the rows run as one batched call."""
+    from hmt import generation
+
+    model = sliding_gemma3() if arch == "gemma3-window3" else build(arch)
+    ids, mask, rows = ragged_batch([3, 13, 6, 16])
+    steps = 2 * L + 3
+    alone = [model.generate(r[None], memory_state=model.new_memory(1), max_new_tokens=steps, exact_retrieval=exact)
+             .sequences[0, len(r):].tolist() for r in rows]
+    widths = []
+    original = generation._Lanes.step
+    monkeypatch.setattr(generation._Lanes, "step", lambda self, inputs: widths.append(len(inputs)) or original(self, inputs))
+    out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(len(rows)), max_new_tokens=steps,
+                         exact_retrieval=exact)
+    assert out.sequences[:, ids.shape[1]:].tolist() == alone
+    assert max(widths) == len(rows)  # one call for all rows decoding from the cache
+    # the memory left open equals each row's own
+    for i, r in enumerate(rows):
+        own = model.generate(r[None], memory_state=model.new_memory(1), max_new_tokens=steps, exact_retrieval=exact)
+        mine = out.memory_state.select([i])
+        assert mine.pending_ids.tolist() == own.memory_state.pending_ids.tolist()
+        torch.testing.assert_close(mine.memories(0), own.memory_state.memories(0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [dict(use_retrieval=False), dict(extraction_strategy="mean"),
+                                       dict(sensory_memory_size=0), dict(representation_length=1),
+                                       dict(representation_length=L)])
+def test_batch_in_other_configurations_and_continued(overrides):
+    """Batch equals alone with no retrieval, pooled memory writes, no sensory memory, j = 1 and
+    j = L; continuing the batch's streams equals continuing each one alone."""
+    model = build("qwen2", **overrides)
+    ids, mask, rows = ragged_batch([3, 13, 6, 16], seed=50)
+    steps = 2 * L + 3
+    alone = [model.generate(r[None], memory_state=model.new_memory(1), max_new_tokens=steps)
+             for r in rows]
+    out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(len(rows)), max_new_tokens=steps)
+    assert out.sequences[:, ids.shape[1]:].tolist() == [a.sequences[0, len(r):].tolist() for a, r in zip(alone, rows)]
+    more = model.generate(None, memory_state=out.memory_state, max_new_tokens=L + 1)
+    for i, a in enumerate(alone):
+        assert more.sequences[i].tolist() == model.generate(None, memory_state=a.memory_state,
+                                                            max_new_tokens=L + 1).sequences[0].tolist()
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_batch_when_caches_cannot_be_padded(exact, monkeypatch):
+    """Caches a lane cannot pad (other layer types): rows share a lane only with the rows that
+    started it together (rows 1 and 3 here, in step), and still decode as alone, also when
+    one of those stops."""
+    from hmt import generation
+
+    model = build("llama")
+    ids, mask, rows = ragged_batch([3, 11, 6, 19], seed=40)
+    steps = 2 * L + 3
+    alone = [model.generate(r[None], memory_state=model.new_memory(1), max_new_tokens=steps, exact_retrieval=exact)
+             .sequences[0, len(r):].tolist() for r in rows]
+    eos = alone[1][L + 2]  # row 1 stops in its second decoded segment (row 3 unless it meets it)
+    expected = [a[: a.index(eos) + 1] + [0] * (steps - a.index(eos) - 1) if eos in a else a for a in alone]
+    monkeypatch.setattr(generation, "_paddable", lambda cache: False)
+    out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(len(rows)), max_new_tokens=steps,
+                         exact_retrieval=exact, eos_token_id=eos, pad_token_id=0)
+    new = out.sequences[:, ids.shape[1]:].tolist()
+    assert [row + [0] * (steps - len(row)) for row in new] == expected
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_stopped_rows_cost_nothing(exact, monkeypatch):
+    """A row that meets eos takes part in no later backbone call of the decoder."""
+    from hmt import generation
+
+    model = build("llama")
+    ids, mask, rows = ragged_batch([5, 12, 7], seed=30)
+    first = model.generate(rows[1][None], memory_state=model.new_memory(1), max_new_tokens=3, exact_retrieval=exact)
+    eos = int(first.sequences[0, -1])  # row 1 stops at its third token (the others unless they meet it)
+    step, calls = [0], []  # (decoding step, rows) of every batched call
+
+    def spy(cls, name, rows_of):
+        original = getattr(cls, name)
+
+        def wrapper(self, *args):
+            calls.append((step[0], set(rows_of(*args))))
+            return original(self, *args)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    spy(generation._Lanes, "step", lambda inputs: inputs)  # cached steps, encoding steps
+    for name in ("_recompute", "_reopen", "_search_once"):
+        spy(generation._Decoder, name, lambda rows: rows)
+    spy(generation._Decoder, "advance", lambda tokens, *rest: step.__setitem__(0, step[0] + 1) or ())
+    out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(3), max_new_tokens=2 * L,
+                         exact_retrieval=exact, eos_token_id=eos, pad_token_id=0)
+    new = out.sequences[1, ids.shape[1]:].tolist()
+    assert new[:3] == first.sequences[0, -3:].tolist() and set(new[3:]) <= {0}
+    assert any(1 in rows for s, rows in calls if s < 3)
+    assert all(1 not in rows for s, rows in calls if s >= 3)  # from the step that takes its eos on
 
 
 def test_long_prompt_read_in_chunks_equals_one_pass():

@@ -7,14 +7,49 @@ segment is closed exactly as in reading (the trailing P_n is fed to write m_n, t
 takes it, the last k tokens become sensory memory) and decoding continues in a new one.
 
 Exactness: the memory token P_n of a segment depends on its first j tokens (the
-representation encoding). While the open segment holds fewer than j tokens, P_n changes
-with every new token, so the augmented prefix is recomputed at each step; from the j-th
-token on P_n is final and decoding is KV-cached. The result equals, token for token,
-running a full :meth:`HMT.forward` over prompt + generated tokens and taking the argmax.
+representation encoding S_n = backbone([T | E_n[0:j) | T]) at the trailing T). While the
+open segment holds t < j tokens, P_n changes with every new token, so the augmented prefix
+``[P_n | sensory | E_n[0:t)]`` is recomputed at each step (every position after P_n
+attends to it: nothing of the previous step's prefix can be reused); from the j-th token
+on P_n is final and decoding is KV-cached. The encoding pass itself is causal and starts
+at position 0, so it is *incremental*: a KV cache over ``[T | E_0 .. E_{t-1}]`` takes each
+new token and the trailing T as one 2-position step, S_n is read at T, and T is cropped
+off the cache again. The result equals, token for token, running a full
+:meth:`HMT.forward` over prompt + generated tokens and taking the argmax.
 
 ``exact_retrieval=False`` trades that equality for speed: each segment opened while
 decoding searches the cache once, queried with the latest tokens available (the sensory
 tokens and what the segment holds), and the whole segment decodes from the KV cache.
+
+Batched decoding. Every row is its own stream (:class:`_Row`: closed-segment memory plus
+the open segment's ids), but the backbone runs once per kind of work per step, for all
+rows that need it:
+
+* A :class:`_Lane` is one batched KV cache shared by several rows. Each row's entries are
+  right-aligned (left-padded with zero keys/values that a 2-D attention mask hides) and its
+  position ids start at 0 at its own first position, so every row computes what it would
+  alone. Rows join with the cache of their own prefix run (the lane and the newcomers are
+  padded to the wider of the two) and leave by an index select, after which the padding
+  that every remaining row shares is trimmed. Sliding-window layers hold only their window;
+  the lane keeps their length bookkeeping equal to its width.
+* The *decode lane* holds ``[P_n | sensory | E_open]`` of every row whose P_n is final. One
+  call per step feeds each of them its new token -- or, for a row whose segment is full,
+  its P_n: that is the trailing memory token that closes the segment ("last" extraction).
+  One LM-head call follows.
+* The *encoding lane* (exact mode) holds ``[T | E_0 .. E_{t-1}]`` of the rows whose P_n is
+  not final: one 2-position call per step for all of them.
+  Rows new to it first run ``[T | E_0 .. E_{t-2}]`` (one call per length t).
+* Rows whose P_n is not final recompute their prefix without a cache, all in one packed
+  call. When P_n becomes final (t = j; at once in fast mode, without retrieval or with an
+  empty cache, where one batched search serves the whole segment) the rows run their
+  prefixes once more with a cache -- one call per prefix length, so nothing is padded --
+  and join the decode lane.
+* Closing with a pooled extraction strategy recomputes the segment per row (once per L
+  tokens). A row that stops (eos) leaves its lanes and costs nothing further.
+
+A cache whose layers are not plain dynamic (or dynamic sliding-window) layers cannot be
+padded this way; rows then share a lane only with the rows that started it together (of
+one length), and a lane of one row costs one call per step.
 """
 
 from __future__ import annotations
@@ -24,9 +59,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import backbone as bb
-from .layout import pack_rows
+from .layout import pack_rows, run_packed
 from .memory import MemoryState
 
 if TYPE_CHECKING:
@@ -38,90 +74,372 @@ _PREFILL_SEGMENTS = 8  # segments per call while reading a prompt
 @dataclass
 class GenerateOutput:
     """``sequences (B, T + new)``: prompts followed by generated tokens (pad after a row stops);
-    ``memory_state``: the memory after the last token, its last segment open."""
+    ``memory_state``: the memory after the last token, its last segment left open."""
 
     sequences: torch.Tensor
     memory_state: MemoryState
 
 
-class _Stream:
-    """One row's decoding state: closed-segment memory plus the open segment."""
-
-    def __init__(self, model: "HMT", state: MemoryState, open_ids: list[int], exact: bool = True):
-        self.model, self.state, self.open_ids, self.exact = model, state, list(open_ids), exact
-        self.kv = None  # backbone KV cache over [P_n | sensory | E_open] once P_n is final
-        self.recalled: Optional[torch.Tensor] = None  # (1, d) final P_n
-        self.logits = self._reopen()  # (V,) predicting the next token
-
-    # ---------------------------------------------------------------- internals
-    def _p_is_final(self) -> bool:
-        config, state = self.model.config, self.state
-        empty = state.cache.shape[1] == 0 or not bool(state.cache_mask.any())
-        return empty or not config.use_retrieval or not self.exact or len(self.open_ids) >= config.representation_length
-
-    def _reopen(self) -> torch.Tensor:
-        """Run ``[P_n | sensory | E_open]`` from scratch; keep its KV cache if P_n is final."""
-        model = self.model
-        device = model.embedding_layer.weight.device
-        ids = torch.tensor([self.open_ids], dtype=torch.long, device=device)
-        embeds = model.embedding_layer(ids)
-        query = ids
-        if not self.exact and len(self.open_ids) < model.config.representation_length:
-            # one search per segment: query with the latest tokens there are (sensory + open)
-            sensory_ids = self.state.sensory_ids[:, : int(self.state.sensory_lengths[0])]
-            query = torch.cat([sensory_ids, ids], dim=1)[:, -model.config.representation_length :]
-        recalled, _ = model.read_memory(self.state, model.embedding_layer(query), [query.shape[1]])
-        sensory, sensory_lens = model.sensory_embeds(self.state)
-        memory_token = recalled.unsqueeze(1).to(embeds.dtype)
-        packed = pack_rows([(memory_token, [1]), (sensory[:, : sensory_lens[0]], sensory_lens), (embeds, [ids.shape[1]])])
-        final = self._p_is_final()
-        hidden, kv = _decoder(model.backbone, packed.embeds, packed.position_ids, None, use_cache=final)
-        self.kv, self.recalled = (kv, recalled) if final else (None, None)
-        return bb.lm_logits(model.backbone, hidden[0, -1])
-
-    def _step_cached(self, embed: torch.Tensor) -> torch.Tensor:
-        """Append one input vector ``(1, 1, d)`` through the KV cache; return its last hidden state."""
-        position = torch.tensor([[self.kv.get_seq_length()]], device=embed.device)
-        hidden, self.kv = _decoder(self.model.backbone, embed, position, self.kv, use_cache=True)
-        return hidden[0, -1]
-
-    def _close(self) -> None:
-        """Close the full open segment as reading would: write m_n, carry sensory, new segment."""
-        model = self.model
-        device = model.embedding_layer.weight.device
-        ids = torch.tensor([self.open_ids], dtype=torch.long, device=device)
-        if model.config.extraction_strategy == "last" and self.kv is not None:
-            hidden = self._step_cached(self.recalled.unsqueeze(1).to(model.embedding_layer.weight.dtype))
-            memory = model.memory_generator(hidden.view(1, 1, -1))
-            active = torch.ones(1, dtype=torch.bool, device=device)
-            lens = torch.tensor([ids.shape[1]], device=device)
-            self.state = self.state.push(memory, active, model.config.num_memory_embeddings).with_sensory(ids, lens, active)
-        else:  # pooled strategies need every hidden state: recompute the segment once
-            _, self.state, *_ = model._memory_segment(self.state, ids, [ids.shape[1]])
-        self.open_ids, self.kv, self.recalled = [], None, None
-
-    # ---------------------------------------------------------------- API
-    def append(self, token: int) -> None:
-        if len(self.open_ids) == self.model.config.segment_length:
-            self._close()
-        self.open_ids.append(token)
-        if self.kv is not None:
-            embed = self.model.embedding_layer(torch.tensor([[token]], device=self.model.embedding_layer.weight.device))
-            self.logits = bb.lm_logits(self.model.backbone, self._step_cached(embed))
-        else:
-            self.logits = self._reopen()
-
-    def memory(self) -> MemoryState:
-        ids = torch.tensor([self.open_ids], dtype=torch.long, device=self.state.pending_ids.device)
-        return self.state.with_pending(ids, torch.tensor([len(self.open_ids)], device=ids.device))
-
-
-def _decoder(backbone, embeds, positions, kv, use_cache: bool):
+# ============================================================================ KV lanes
+def _decoder(backbone, embeds, positions, cache, use_cache: bool, attention_mask=None):
     """Decoder stack over ``embeds`` with an optional KV cache (transformers 4.x and 5.x names)."""
     stack = bb.decoder(backbone)
     name = bb.cache_argument(stack)
-    out = stack(inputs_embeds=embeds, position_ids=positions, use_cache=use_cache, return_dict=True, **{name: kv})
+    out = stack(inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask, use_cache=use_cache,
+                return_dict=True, **{name: cache})
     return out.last_hidden_state, (out[name] if use_cache else None)
+
+
+def _layers(cache) -> list:
+    """The per-layer caches (self-attention ones for an encoder-decoder cache); [] if not layered."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    return list(getattr(cache, "layers", None) or [])
+
+
+def _paddable(cache) -> bool:
+    """Whether a lane can pad and stack this cache: plain dynamic (sliding-window) layers only."""
+    try:
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # transformers without per-layer caches
+        return False
+    layers = _layers(cache)
+    return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+
+
+def _held(layer, width: int) -> int:
+    """Entries a layer holds for a lane ``width`` positions wide (a sliding window keeps W - 1)."""
+    return min(width, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else width
+
+
+def _fit(layer, width: int, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of ``layer`` (``rows`` of them) right-aligned to a lane ``width`` wide."""
+    out = []
+    for t in (layer.keys, layer.values):
+        t = t if rows is None else t.index_select(0, rows)
+        n, have = _held(layer, width), t.shape[-2]
+        out.append(F.pad(t, (0, 0, n - have, 0)) if have < n else t[..., have - n :, :])
+    return out[0], out[1]
+
+
+def _set_width(layer, width: int) -> None:
+    if getattr(layer, "is_sliding", False):
+        layer.cumulative_length = width  # the positions seen, as the masks read them
+
+
+class _Lane:
+    """Rows that decode from one batched KV cache (see the module docstring).
+
+    ``keep_past``: sliding-window layers keep every entry until :meth:`crop` (the encoding
+    lane crops its trailing T after each step, which must not cost a window entry).
+    """
+
+    def __init__(self, backbone, cache, rows: list[int], length: int, keep_past: bool = False):
+        self.backbone, self.keep_past = backbone, keep_past
+        self.device = bb.unwrap(backbone).get_input_embeddings().weight.device
+        self.cache, self.width = cache, length
+        self.rows, self.lengths = list(rows), [length] * len(rows)  # stream ids in batch order, real positions
+        self.shared = _paddable(cache)  # else the lane keeps the rows it started with, all of one length
+        self._record()
+
+    def _record(self) -> None:
+        if self.keep_past:
+            for layer in _layers(self.cache):
+                if hasattr(layer, "activate_past_recording"):
+                    layer.activate_past_recording()
+
+    def join(self, rows: list[int], cache, length: int) -> bool:
+        """Take ``rows`` with their ``cache`` of ``length`` positions each; False if they cannot share."""
+        if not (self.shared and _paddable(cache)):
+            return False
+        width = max(self.width, length)
+        for mine, theirs in zip(_layers(self.cache), _layers(cache)):
+            if mine.keys is None or theirs.keys is None:  # a layer without a cache of its own
+                continue
+            (k0, v0), (k1, v1) = _fit(mine, width), _fit(theirs, width)
+            mine.keys, mine.values = torch.cat([k0, k1]), torch.cat([v0, v1])
+            _set_width(mine, width)
+        self.width = width
+        self.rows += rows
+        self.lengths += [length] * len(rows)
+        self._record()
+        return True
+
+    def drop(self, rows) -> None:
+        """Let ``rows`` go; trim the left padding every remaining row shares."""
+        keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        if len(keep) == len(self.rows):
+            return
+        self.rows, self.lengths = [self.rows[i] for i in keep], [self.lengths[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        if not self.shared:  # one length: nothing to trim
+            self.cache.batch_select_indices(index)
+            return
+        width = max(self.lengths)
+        for layer in _layers(self.cache):
+            if layer.keys is not None:
+                layer.keys, layer.values = _fit(layer, width, index)
+                _set_width(layer, width)
+        self.width = width
+
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Feed ``embeds (n, q, d)`` (one row each, in lane order); return their hidden states."""
+        q = embeds.shape[1]
+        lengths = torch.tensor(self.lengths, device=embeds.device).view(-1, 1)
+        positions = lengths + torch.arange(q, device=embeds.device)
+        mask = None
+        if any(n != self.width for n in self.lengths):  # left padding to hide
+            mask = (torch.arange(self.width + q, device=embeds.device) >= self.width - lengths).long()
+        hidden, self.cache = _decoder(self.backbone, embeds, positions, self.cache, True, mask)
+        self.width += q
+        self.lengths = [n + q for n in self.lengths]
+        return hidden
+
+    def crop(self, q: int) -> None:
+        """Remove the last ``q`` positions of every row."""
+        self.cache.crop(-q)
+        self.width -= q
+        self.lengths = [n - q for n in self.lengths]
+
+
+class _Lanes:
+    """A set of lanes: one when the caches can be padded and stacked, else one per batch of rows
+    that started together."""
+
+    def __init__(self, backbone, keep_past: bool = False):
+        self.backbone, self.keep_past = backbone, keep_past
+        self.lanes: list[_Lane] = []
+
+    def __contains__(self, row: int) -> bool:
+        return any(row in lane.rows for lane in self.lanes)
+
+    @property
+    def rows(self) -> list[int]:
+        return [r for lane in self.lanes for r in lane.rows]
+
+    def add(self, rows: list[int], cache, length: int) -> None:
+        """``rows`` with their batched ``cache``, ``length`` positions each."""
+        if not any(lane.join(rows, cache, length) for lane in self.lanes):
+            self.lanes.append(_Lane(self.backbone, cache, rows, length, self.keep_past))
+
+    def drop(self, rows) -> None:
+        rows = set(rows)
+        for lane in self.lanes:
+            lane.drop(rows)
+        self.lanes = [lane for lane in self.lanes if lane.rows]
+
+    def step(self, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``inputs[row] (q, d)`` for every row of every lane -> hidden states ``(q, d)`` per row."""
+        out = {}
+        for lane in self.lanes:
+            hidden = lane.step(torch.stack([inputs[r] for r in lane.rows]))
+            out.update(zip(lane.rows, hidden))
+        return out
+
+    def crop(self, q: int) -> None:
+        for lane in self.lanes:
+            lane.crop(q)
+
+
+# ============================================================================ streams
+def _groups(rows: list[int], key) -> list[list[int]]:
+    """``rows`` grouped by ``key(row)``, in order of first appearance."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return list(groups.values())
+
+
+@dataclass
+class _Row:
+    """One stream: the memory of its closed segments and the open segment."""
+
+    state: MemoryState
+    open_ids: list[int]
+    memory_token: Optional[torch.Tensor] = None  # (1, d) P_n of the open segment as it stands
+    final: bool = False  # P_n will not change: the prefix lives in the decode lane
+    logits: Optional[torch.Tensor] = None  # (V,) predicting the next token
+
+
+class _Decoder:
+    """Every row's decoding state; :meth:`advance` takes one token per active row."""
+
+    def __init__(self, model: "HMT", states: list[MemoryState], open_ids: list[list[int]], exact: bool = True):
+        self.model, self.exact = model, exact
+        self.rows = [_Row(state, list(ids)) for state, ids in zip(states, open_ids)]
+        if any(not row.open_ids for row in self.rows):
+            raise ValueError("every stream needs an open segment to decode from")
+        self.decode = _Lanes(model.backbone)  # [P_n | sensory | E_open], P_n final
+        self.encode = _Lanes(model.backbone, keep_past=True)  # [T | E_0 .. E_{t-2}], P_n not final
+        self._refresh(list(range(len(self.rows))))
+
+    # ---------------------------------------------------------------- helpers
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """``(len(ids), d)`` input embeddings."""
+        layer = self.model.embedding_layer
+        return layer(torch.tensor(ids, dtype=torch.long, device=layer.weight.device))
+
+    def _searches_each_step(self, r: int) -> bool:
+        """Exact mode with a cache to search: P_n follows the open segment's first j tokens."""
+        state = self.rows[r].state
+        has_memory = state.cache.shape[1] > 0 and bool(state.cache_mask.any())
+        return self.exact and self.model.config.use_retrieval and has_memory
+
+    # ---------------------------------------------------------------- the steps
+    def advance(self, tokens: dict[int, int], stopping: set[int] = frozenset()) -> None:
+        """Each row of ``tokens`` takes its token and gets the next logits (``stopping`` rows:
+        the memory takes the token, no logits are computed and the row leaves its lanes)."""
+        model = self.model
+        L = model.config.segment_length
+        closing = {r for r in tokens if len(self.rows[r].open_ids) == L}
+        by_lane = {r for r in closing if r in self.decode and model.config.extraction_strategy == "last"}
+        # rows that need no cached step now leave the decode lane first
+        self.decode.drop([r for r in self.decode.rows if (r in stopping or r in closing) and r not in by_lane])
+        self.encode.drop([r for r in self.encode.rows if r in stopping])
+        hidden = self._cached_step(tokens, by_lane) if self.decode.rows else {}
+        if closing:
+            self.decode.drop(closing)
+            self.encode.drop(closing)
+            for r in sorted(closing):
+                self._close(r, hidden.get(r) if r in by_lane else None)
+        for r, token in tokens.items():
+            self.rows[r].open_ids.append(token)
+        cached = [r for r in hidden if r not in closing]
+        if cached:  # one LM-head call for every row decoded from the cache
+            logits = bb.lm_logits(model.backbone, torch.stack([hidden[r] for r in cached]))
+            for r, row_logits in zip(cached, logits):
+                self.rows[r].logits = row_logits
+        self._refresh([r for r in tokens if r not in stopping and r not in self.decode])
+
+    def _cached_step(self, tokens: dict[int, int], closing: set[int]) -> dict[int, torch.Tensor]:
+        """One batched KV-cached step over the decode lane: each row's token, or its P_n
+        (the trailing memory token) where the row closes its segment; last hidden states."""
+        lane_rows = self.decode.rows
+        embeds = self._embed([tokens[r] for r in lane_rows])
+        inputs = {r: (self.rows[r].memory_token if r in closing else embeds[i : i + 1]) for i, r in enumerate(lane_rows)}
+        return {r: h[-1] for r, h in self.decode.step(inputs).items()}
+
+    def _close(self, r: int, hidden: Optional[torch.Tensor]) -> None:
+        """Close row ``r``'s full open segment as reading would: write m_n, carry sensory, new
+        segment (the row has left its lanes)."""
+        model, row = self.model, self.rows[r]
+        ids = torch.tensor([row.open_ids], dtype=torch.long, device=row.state.sensory_ids.device)
+        if hidden is not None:  # "last": m_n is the hidden state at the trailing P_n just fed
+            memory = model.memory_generator(hidden.view(1, 1, -1))
+            active = torch.ones(1, dtype=torch.bool, device=ids.device)
+            lens = torch.tensor([ids.shape[1]], device=ids.device)
+            row.state = row.state.push(memory, active, model.config.num_memory_embeddings).with_sensory(ids, lens, active)
+        else:  # pooled strategies need every hidden state: recompute the segment once
+            _, row.state, *_ = model._memory_segment(row.state, ids, [ids.shape[1]])
+        row.open_ids, row.memory_token, row.final = [], None, False
+
+    def _refresh(self, rows: list[int]) -> None:
+        """Rows without a KV cache over their prefix: memory token P_n, then the prefix."""
+        if not rows:
+            return
+        model, j = self.model, self.model.config.representation_length
+        searching = [r for r in rows if self._searches_each_step(r)]
+        if searching:
+            summaries = self._encode(searching)
+            state = MemoryState.cat([self.rows[r].state for r in searching])
+            recalled, _ = model.memory_search(summaries, state.cache, state.cache_mask)
+            for r, token in zip(searching, recalled.to(model.embedding_layer.weight.dtype)):
+                self.rows[r].memory_token = token.view(1, -1)
+                self.rows[r].final = len(self.rows[r].open_ids) >= j
+            self.encode.drop([r for r in searching if self.rows[r].final])
+        once = [r for r in rows if r not in searching]
+        if once:
+            self._search_once(once)
+        final = [r for r in rows if self.rows[r].final]
+        if final:
+            self._reopen(final)
+        if len(final) < len(rows):
+            self._recompute([r for r in rows if not self.rows[r].final])
+
+    def _encode(self, rows: list[int]) -> torch.Tensor:
+        """S_n ``(n, d)`` of each row (exact mode), incrementally: the encoding lane holds
+        [T | E_0 .. E_{t-2}] of each row; one call feeds [E_{t-1}, T] to all of them, then T is
+        cropped off again. Rows new to the lane first run [T | E_0 .. E_{t-2}] (one call per t)."""
+        model, j = self.model, self.model.config.representation_length
+        prompt = model.representation_encoder.summary_prompt.view(1, 1, -1).to(model.embedding_layer.weight.dtype)
+        t = {r: min(len(self.rows[r].open_ids), j) for r in rows}
+        for group in _groups([r for r in rows if r not in self.encode], t.get):
+            n = t[group[0]]
+            ids = torch.tensor([self.rows[r].open_ids[: n - 1] for r in group], dtype=torch.long,
+                               device=prompt.device).view(len(group), n - 1)
+            embeds = torch.cat([prompt.expand(len(group), 1, -1), model.embedding_layer(ids)], dim=1)
+            positions = torch.arange(n, device=embeds.device).view(1, -1).expand(len(group), -1)
+            _, cache = _decoder(model.backbone, embeds, positions, None, use_cache=True)
+            self.encode.add(group, cache, n)
+        newest = self._embed([self.rows[r].open_ids[t[r] - 1] for r in rows]).unsqueeze(1)  # (n, 1, d)
+        inputs = torch.cat([newest, prompt.expand(len(rows), 1, -1)], dim=1)
+        hidden = self.encode.step(dict(zip(rows, inputs)))
+        self.encode.crop(1)
+        return torch.stack([hidden[r][-1] for r in rows])
+
+    def _search_once(self, rows: list[int]) -> None:
+        """P_n searched once for the whole segment (fast mode, no retrieval or nothing cached)."""
+        model, j = self.model, self.model.config.representation_length
+        queries = []
+        for r in rows:
+            row = self.rows[r]
+            query = row.open_ids
+            if not self.exact and len(query) < j:
+                # one search per segment: query with the latest tokens there are (sensory + open)
+                query = (row.state.sensory_ids[0, : int(row.state.sensory_lengths[0])].tolist() + query)[-j:]
+            queries.append(query)
+        lengths = [len(q) for q in queries]
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=self.rows[rows[0]].state.sensory_ids.device)
+        for i, query in enumerate(queries):
+            ids[i, : lengths[i]] = torch.tensor(query, dtype=torch.long)
+        state = MemoryState.cat([self.rows[r].state for r in rows])
+        recalled, _ = model.read_memory(state, model.embedding_layer(ids), lengths)
+        for r, token in zip(rows, recalled.to(model.embedding_layer.weight.dtype)):
+            self.rows[r].memory_token, self.rows[r].final = token.view(1, -1), True
+
+    def _prefix(self, rows: list[int]):
+        """``[P_n | sensory | E_open]`` of ``rows``, packed."""
+        model = self.model
+        states = [self.rows[r].state for r in rows]
+        sensory_ids = torch.cat([s.sensory_ids for s in states])
+        sensory_lens = torch.cat([s.sensory_lengths for s in states]).tolist()
+        lengths = [len(self.rows[r].open_ids) for r in rows]
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=sensory_ids.device)
+        for i, r in enumerate(rows):
+            ids[i, : lengths[i]] = torch.tensor(self.rows[r].open_ids, dtype=torch.long)
+        tokens = model.embedding_layer(ids)
+        memory_token = torch.stack([self.rows[r].memory_token for r in rows]).to(tokens.dtype)  # (n, 1, d)
+        return pack_rows([(memory_token, [1] * len(rows)), (model.embedding_layer(sensory_ids), sensory_lens),
+                          (tokens, lengths)])
+
+    def _reopen(self, rows: list[int]) -> None:
+        """P_n is final: run the rows' prefixes once with a KV cache (one call per prefix length,
+        so no row is padded) and let them join the decode lane."""
+        width = {r: 1 + int(self.rows[r].state.sensory_lengths[0]) + len(self.rows[r].open_ids) for r in rows}
+        for group in _groups(rows, width.get):
+            packed = self._prefix(group)
+            hidden, cache = _decoder(self.model.backbone, packed.embeds, packed.position_ids, None, use_cache=True)
+            logits = bb.lm_logits(self.model.backbone, hidden[:, -1])
+            for r, row_logits in zip(group, logits):
+                self.rows[r].logits = row_logits
+            self.decode.add(group, cache, width[group[0]])
+
+    def _recompute(self, rows: list[int]) -> None:
+        """P_n still changes: the rows' prefixes from scratch, no cache, one packed call."""
+        packed = self._prefix(rows)
+        hidden = run_packed(self.model.backbone, packed)
+        last = torch.tensor(packed.lengths, device=hidden.device) - 1
+        logits = bb.lm_logits(self.model.backbone, hidden[torch.arange(len(rows), device=hidden.device), last])
+        for r, row_logits in zip(rows, logits):
+            self.rows[r].logits = row_logits
+
+    def memory(self) -> MemoryState:
+        states = []
+        for row in self.rows:
+            ids = torch.tensor([row.open_ids], dtype=torch.long, device=row.state.pending_ids.device)
+            states.append(row.state.with_pending(ids, torch.tensor([len(row.open_ids)], device=ids.device)))
+        return MemoryState.cat(states)
 
 
 def _logits_processors(config):
@@ -193,7 +511,7 @@ def generate(
 
     was_training = model.training
     model.eval()
-    streams = []
+    states, open_ids = [], []
     for row in range(B):
         row_state = state.select([row])
         prompt = ids[row, : lengths[row]]
@@ -206,17 +524,20 @@ def generate(
         for start in range(0, closed, _PREFILL_SEGMENTS * L):
             chunk = tokens[None, start : min(start + _PREFILL_SEGMENTS * L, closed)]
             row_state = model(chunk, memory_state=row_state, return_logits=False).memory_state
-        streams.append(_Stream(model, row_state, tokens[closed:].tolist(), exact_retrieval))
+        states.append(row_state)
+        open_ids.append(tokens[closed:].tolist())
+    decoder = _Decoder(model, states, open_ids, exact_retrieval)
     if streamer is not None and lengths[0]:
         streamer.put(ids[:, : lengths[0]].cpu())
 
     new_tokens = torch.full((B, config.max_new_tokens), pad, dtype=torch.long, device=ids.device)
     done = [False] * B
     for step in range(config.max_new_tokens):
-        for row, stream in enumerate(streams):
+        tokens, stopping = {}, set()
+        for row in range(B):
             if done[row]:
                 continue
-            scores = stream.logits.float().view(1, -1)
+            scores = decoder.rows[row].logits.float().view(1, -1)
             if len(processors):  # only they read the history
                 history = torch.cat([ids[row : row + 1, : lengths[row]], new_tokens[row : row + 1, :step]], dim=1)
                 scores = processors(history, scores)
@@ -224,19 +545,20 @@ def generate(
                 token = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
             else:
                 token = int(scores.argmax(-1))
-            new_tokens[row, step] = token
+            new_tokens[row, step] = tokens[row] = token
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
             if token in eos:
                 done[row] = True
-            stream.append(token)  # the memory takes every token, the last one too
+                stopping.add(row)
+        decoder.advance(tokens, stopping)  # the memory takes every token, the last one too
         if all(done):
             new_tokens = new_tokens[:, : step + 1]
             break
     if streamer is not None:
         streamer.end()
     model.train(was_training)
-    final = MemoryState.cat([s.memory() for s in streams])
+    final = decoder.memory()
     if not explicit:
         model.memory_state = final
     return GenerateOutput(sequences=torch.cat([input_ids.to(new_tokens.device), new_tokens], dim=1), memory_state=final)
