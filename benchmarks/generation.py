@@ -276,6 +276,26 @@ class DecodeClock:
 
 
 # --------------------------------------------------------------------------- variants
+
+def run_interleaved(runners: dict, steps: int, repeats: int, what: str, describe) -> dict:
+    """Warm every variant up briefly, then run each ``repeats`` times for ``steps`` tokens in a
+    rotating order (load from other processes hits all variants alike); figures per variant."""
+    variants = list(runners)
+    runs = {v: [] for v in variants}
+    with torch.no_grad():
+        for v in variants:  # every code path (close, recompute, cached) once, briefly
+            runners[v](min(4, steps))
+        for rep in range(repeats):
+            order = variants[rep % len(variants):] + variants[: rep % len(variants)]
+            line = []
+            for v in order:
+                gc.collect()
+                fig = runners[v](steps)
+                runs[v].append(fig)
+                line.append(describe(v, fig))
+            print(f"  rep {rep + 1}/{repeats} {what}: " + ", ".join(line), flush=True)
+    return runs
+
 def run_hmt(model, open_ids, prefix_state, steps: int, exact: bool, device, probe=None):
     stamps = Stamps(device)
     if probe is not None:
@@ -385,20 +405,10 @@ def latency(args, device, dtype) -> dict:
         "plain_matched": lambda n: run_plain(backbone, ids[:, T - (k + 1):], n, device),
         "plain_prompt": lambda n: run_plain(backbone, ids, n, device),
     }
-    runs = {v: [] for v in variants}
     try:
-        with torch.no_grad():
-            for v in variants:  # warm-up: every code path (close, recompute, cached) once, briefly
-                runners[v](min(4, L))
-            for rep in range(args.repeats):
-                order = variants[rep % len(variants):] + variants[: rep % len(variants)]
-                line = []
-                for v in order:
-                    gc.collect()
-                    fig = runners[v](L)
-                    runs[v].append(fig)
-                    line.append(f"{v} {1e3 * fig['wall']['decode_s'] / L:.1f}/{1e3 * fig['cpu']['decode_s'] / L:.1f}")
-                print(f"  rep {rep + 1}/{args.repeats} ms/token wall/cpu: " + ", ".join(line), flush=True)
+        runs = run_interleaved(
+            {v: runners[v] for v in variants}, L, args.repeats, "ms/token wall/cpu",
+            lambda v, fig: f"{v} {1e3 * fig['wall']['decode_s'] / L:.1f}/{1e3 * fig['cpu']['decode_s'] / L:.1f}")
     finally:
         probe.remove()
 
@@ -770,19 +780,8 @@ def batched(args, device, dtype) -> dict:
     runners[f"plain_batch{B}"] = lambda n: plain_run(everyone, n)
     runners[f"plain_{B}x1"] = lambda n: one_at_a_time(plain_run, n)
     variants = list(runners)
-    runs = {v: [] for v in variants}
-    with torch.no_grad():
-        for v in variants:  # warm-up
-            runners[v](min(4, L))
-        for rep in range(args.batch_repeats):
-            order = variants[rep % len(variants):] + variants[: rep % len(variants)]
-            line = []
-            for v in order:
-                gc.collect()
-                fig = runners[v](L)
-                runs[v].append(fig)
-                line.append(f"{v} {fig['wall']['decode_s']:.1f}/{fig['cpu']['decode_s']:.1f}s")
-            print(f"  rep {rep + 1}/{args.batch_repeats} decode wall/cpu: " + ", ".join(line), flush=True)
+    runs = run_interleaved(runners, L, args.batch_repeats, "decode wall/cpu",
+                           lambda v, fig: f"{v} {fig['wall']['decode_s']:.1f}/{fig['cpu']['decode_s']:.1f}s")
 
     tokens = B * L
     med = {c: {v: median([r[c]["decode_s"] for r in runs[v]]) for v in variants} for c in ("wall", "cpu")}
