@@ -22,7 +22,7 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 def spec_loop(backbone, T, init_memory, W_q, W_k, ids, L, j, k, N, retrieval=True):
     """Return per-segment logits, memory embeddings and the final cache, straight from the spec."""
     embed = backbone.get_input_embeddings()
-    stack = backbone.base_model
+    stack = backbone.base_model if backbone.base_model is not backbone else backbone.model  # gemma3 on transformers 4.x
     head = backbone.get_output_embeddings()
     d_h = W_q.shape[0]
 

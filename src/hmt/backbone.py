@@ -38,7 +38,9 @@ def decoder(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM, whose output is the LM head's input."""
     model = unwrap(model)
     stack = getattr(model, "base_model", None)
-    if stack is None or stack is model:
+    if stack is None or stack is model:  # e.g. Gemma3ForCausalLM in transformers 4.x: prefix != attribute
+        stack = getattr(model, "model", None)
+    if not isinstance(stack, nn.Module) or stack is model:
         raise TypeError(
             f"{type(model).__name__} has no separate decoder stack (base_model); HMT needs a "
             "Hugging Face *ForCausalLM model that accepts inputs_embeds."

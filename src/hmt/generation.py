@@ -126,6 +126,19 @@ def _set_width(layer, width: int) -> None:
         layer.cumulative_length = width  # the positions seen, as the masks read them
 
 
+def _can_crop(backbone, length: int) -> bool:
+    """Whether a KV cache over ``length`` positions can drop its last one again. A sliding window
+    shorter than that forgets entries unless its layers record the past (transformers 5.x)."""
+    window = getattr(bb.text_config(backbone), "sliding_window", None)
+    if not isinstance(window, int) or window >= length:
+        return True
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+    except ImportError:
+        return False
+    return hasattr(DynamicSlidingWindowLayer, "activate_past_recording")
+
+
 class _Lane:
     """Rows that decode from one batched KV cache (see the module docstring).
 
@@ -272,6 +285,7 @@ class _Decoder:
             raise ValueError("every stream needs an open segment to decode from")
         self.decode = _Lanes(model.backbone)  # [P_n | sensory | E_open], P_n final
         self.encode = _Lanes(model.backbone, keep_past=True)  # [T | E_0 .. E_{t-2}], P_n not final
+        self.incremental = _can_crop(model.backbone, model.config.representation_length + 2)
         self._refresh(list(range(len(self.rows))))
 
     # ---------------------------------------------------------------- helpers
@@ -362,6 +376,12 @@ class _Decoder:
         [T | E_0 .. E_{t-2}] of each row; one call feeds [E_{t-1}, T] to all of them, then T is
         cropped off again. Rows new to the lane first run [T | E_0 .. E_{t-2}] (one call per t)."""
         model, j = self.model, self.model.config.representation_length
+        if not self.incremental:  # the whole encoding pass, batched
+            lengths = [min(len(self.rows[r].open_ids), j) for r in rows]
+            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=model.embedding_layer.weight.device)
+            for i, r in enumerate(rows):
+                ids[i, : lengths[i]] = torch.tensor(self.rows[r].open_ids[: lengths[i]], dtype=torch.long)
+            return model.representation_encoder(model.backbone, model.embedding_layer(ids), lengths)
         prompt = model.representation_encoder.summary_prompt.view(1, 1, -1).to(model.embedding_layer.weight.dtype)
         t = {r: min(len(self.rows[r].open_ids), j) for r in rows}
         for group in _groups([r for r in rows if r not in self.encode], t.get):

@@ -327,20 +327,25 @@ class HMT(nn.Module):
 
         if use_memory and not explicit:
             self._state = state
-        out = HMTOutput(memory_state=state if use_memory else memory_state)
+        # Every field goes in at construction: transformers 4.x ModelOutput only indexes
+        # (out["logits"]) the fields it was built with.
+        fields = {"memory_state": state if use_memory else memory_state}
         if use_memory:
-            out.retrieval_weights, out.retrieved_segments = weights, owners
-            out.memory_embeddings = torch.stack(memories, dim=1)
+            fields.update(retrieval_weights=weights, retrieved_segments=owners,
+                          memory_embeddings=torch.stack(memories, dim=1))
         if return_logits:
             logits = torch.cat(logits, dim=1)
             if prefix is not None:  # drop the open segment's positions
                 logits = gather_rows(logits, prefix, new_mask.shape[1])
-            out.logits = self._restore_positions(logits, new_mask, starts)
+            fields["logits"] = self._restore_positions(logits, new_mask, starts)
         if targets is not None:
-            out.segment_nll, out.segment_tokens = torch.stack(seg_nll, 1), torch.stack(seg_count, 1)
-            out.nll_sum, out.num_tokens = out.segment_nll.sum(1), out.segment_tokens.sum(1)
-            total = out.num_tokens.sum()
-            out.loss = out.nll_sum.sum() / total.clamp(min=1) if int(total) > 0 else out.nll_sum.sum() * float("nan")
+            segment_nll, segment_tokens = torch.stack(seg_nll, 1), torch.stack(seg_count, 1)
+            nll_sum, num_tokens = segment_nll.sum(1), segment_tokens.sum(1)
+            total = num_tokens.sum()
+            loss = nll_sum.sum() / total.clamp(min=1) if int(total) > 0 else nll_sum.sum() * float("nan")
+            fields.update(loss=loss, segment_nll=segment_nll, segment_tokens=segment_tokens, nll_sum=nll_sum,
+                          num_tokens=num_tokens)
+        out = HMTOutput(**fields)
         return out
 
     # ------------------------------------------------------------------ one segment
