@@ -123,7 +123,7 @@ def score_hmt_causal(
     memory (``memory_state``, default empty), at the cost of one batched pass per
     ``rows_per_pass`` leading positions of each segment instead of T full forwards.
     """
-    from .layout import pack_rows, run_packed
+    from .layout import run_packed
 
     device = model.embedding_layer.weight.device
     ids = ids.to(device).view(-1)
@@ -150,9 +150,8 @@ def score_hmt_causal(
             row_state = state.select([0] * m)
             row_embeds = embeds.expand(m, -1, -1)[:, : max(lengths)]
             recalled, _ = model.read_memory(row_state, row_embeds, lengths)
-            sensory, sensory_lens = model.sensory_embeds(row_state)
-            packed = pack_rows([(recalled.unsqueeze(1).to(embeds.dtype), [1] * m), (sensory, sensory_lens),
-                                (row_embeds, lengths)])
+            packed = model.augmented_inputs(recalled.unsqueeze(1), row_state.sensory_ids,
+                                            row_state.sensory_lengths.tolist(), row_embeds, lengths, write_slot=False)
             out = run_packed(model.backbone, packed)
             last = torch.as_tensor([o + t for o, t in zip(packed.offsets[2], rows)], device=device)
             row_logits = bb.lm_logits(model.backbone, out[torch.arange(m, device=device), last]).float()

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backbone as bb
-from .layout import pack_rows, run_packed
+from .layout import run_packed
 from .memory import MemoryState
 
 if TYPE_CHECKING:
@@ -428,10 +428,9 @@ class _Decoder:
         ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=sensory_ids.device)
         for i, r in enumerate(rows):
             ids[i, : lengths[i]] = torch.tensor(self.rows[r].open_ids, dtype=torch.long)
-        tokens = model.embedding_layer(ids)
-        memory_token = torch.stack([self.rows[r].memory_token for r in rows]).to(tokens.dtype)  # (n, 1, d)
-        return pack_rows([(memory_token, [1] * len(rows)), (model.embedding_layer(sensory_ids), sensory_lens),
-                          (tokens, lengths)])
+        memory_token = torch.stack([self.rows[r].memory_token for r in rows])  # (n, 1, d)
+        return model.augmented_inputs(memory_token, sensory_ids, sensory_lens, model.embedding_layer(ids), lengths,
+                                      write_slot=False)
 
     def _reopen(self, rows: list[int]) -> None:
         """P_n is final: run the rows' prefixes once with a KV cache (one call per prefix length,

@@ -358,9 +358,18 @@ class HMT(nn.Module):
             summary = self.representation_encoder(self.backbone, token_embeds, lengths)
         return self.memory_search(summary, state.cache, state.cache_mask)
 
-    def sensory_embeds(self, state: MemoryState) -> tuple[torch.Tensor, list[int]]:
-        """Raw token embeddings of the sensory memory ``(B, k, d)`` and real lengths per row."""
-        return self.embedding_layer(state.sensory_ids), state.sensory_lengths.tolist()
+    def augmented_inputs(self, memory_token, sensory_ids, sensory_lengths, token_embeds, lengths, write_slot=True):
+        """The augmented segment ``[P_n | sensory | E_n | P_n]`` packed row by row (see ``layout``).
+
+        ``memory_token (B, 1, d)``; ``sensory_ids (B, k)`` with ``sensory_lengths`` real ones;
+        ``token_embeds (B, l, d)`` with ``lengths`` real ones. The leading P_n is what the segment
+        reads; ``write_slot=False`` leaves out the trailing one (where m_n is written), as
+        decoding and causal scoring do while the segment is still open.
+        """
+        ones = [1] * memory_token.shape[0]
+        memory_token = memory_token.to(token_embeds.dtype)
+        parts = [(memory_token, ones), (self.embedding_layer(sensory_ids), sensory_lengths), (token_embeds, lengths)]
+        return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
 
     def _segment(self, state, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool) -> "_Step":
         """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write."""
@@ -386,16 +395,14 @@ class HMT(nn.Module):
         return step
 
     def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int]):
-        B, width = seg_ids.shape
+        width = seg_ids.shape[1]
         token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
         recalled, weights = self.read_memory(state, token_embeds, seg_lens)
         owner = state.cache_segments
-        sensory, sensory_lens = self.sensory_embeds(state)
-        memory_token = recalled.unsqueeze(1).to(token_embeds.dtype)  # (B, 1, d)
-        ones = [1] * B
         # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
         # one (right after each row's last real token) is where m_n is written.
-        packed = pack_rows([(memory_token, ones), (sensory, sensory_lens), (token_embeds, seg_lens), (memory_token, ones)])
+        packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, state.sensory_lengths.tolist(),
+                                       token_embeds, seg_lens)
         hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
         segment_hidden = gather_rows(hidden, packed.offsets[2], width)  # (B, l, d)
         memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
