@@ -147,3 +147,51 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def hmt_from_args(backbone, args):
+    """HMT (eval mode) around ``backbone`` from the benchmarks' shared flags (--segment-length,
+    --representation-length, --sensory, --num-memory)."""
+    from hmt import HMT, HMTConfig
+
+    config = HMTConfig(segment_length=args.segment_length, representation_length=args.representation_length,
+                       sensory_memory_size=args.sensory, num_memory_embeddings=args.num_memory)
+    return HMT(backbone, config).eval()
+
+
+class MemoryWatch:
+    """Process (and CUDA) memory of one measured block, above what loading left resident.
+
+    Call :meth:`loaded` once the model is resident and warmed up, run the block, then
+    :meth:`figures`: the block's peak is the kernel's high-water mark, reset at ``loaded``
+    (if the reset is not possible, the process-wide maximum).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def loaded(self) -> None:
+        import gc
+
+        gc.collect()
+        self.load_peak, self.after_load, self.was_reset = ru_maxrss_bytes(), current_rss_bytes(), reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.cuda_after_load = torch.cuda.memory_allocated(self.device)
+
+    def peak(self, high_water: Optional[int] = None) -> int:
+        """The block's peak RSS; ``high_water``: a reading to use instead of ru_maxrss."""
+        maxrss = high_water if high_water is not None else ru_maxrss_bytes()
+        return maxrss if self.was_reset else max(maxrss, self.after_load)
+
+    def figures(self, phase: str, peak: Optional[int] = None) -> dict:
+        """``{phase}_peak_rss_bytes``, working memory above after-load, and the CUDA figures."""
+        peak = self.peak() if peak is None else peak
+        out = {"load_peak_rss_bytes": self.load_peak, "rss_after_load_bytes": self.after_load,
+               f"{phase}_peak_rss_bytes": peak, "working_bytes": peak - self.after_load, "hwm_reset": self.was_reset}
+        if self.device.type == "cuda":
+            cuda_peak = torch.cuda.max_memory_allocated(self.device)
+            out.update(cuda_max_allocated_bytes=cuda_peak, cuda_after_load_bytes=self.cuda_after_load,
+                       cuda_working_bytes=cuda_peak - self.cuda_after_load)
+        return out

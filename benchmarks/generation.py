@@ -104,7 +104,7 @@ from collections import defaultdict
 import torch
 
 from _common import document_ids, environment, median, parse_dtype, pick_device, synchronize, table, write_json
-from _common import current_rss_bytes, reset_peak_rss, ru_maxrss_bytes
+from _common import MemoryWatch, _status_kib, current_rss_bytes, hmt_from_args, ru_maxrss_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024 * 1024
@@ -361,16 +361,14 @@ def exact_bound(exact: dict, plain_step: float, L: int, j: int, k: int, med: dic
 # --------------------------------------------------------------------------- part 1
 def latency(args, device, dtype) -> dict:
     import hmt
-    from hmt import HMT, HMTConfig
     from hmt import backbone as bb
 
     clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
     t0 = time.perf_counter()
     backbone, tokenizer = hmt.load_backbone(args.backbone, dtype=dtype, device=device)
     torch.manual_seed(0)  # W_q, W_k come from the global RNG
-    config = HMTConfig(segment_length=args.segment_length, representation_length=args.representation_length,
-                       sensory_memory_size=args.sensory, num_memory_embeddings=args.num_memory)
-    model = HMT(backbone, config).eval()
+    model = hmt_from_args(backbone, args)
+    config = model.config
     L, j, k = config.segment_length, config.representation_length, config.sensory_memory_size
     segments = max(1, -(-args.prompt_tokens // L))
     T = segments * L  # a whole number of segments: decoding starts right at a boundary
@@ -534,15 +532,12 @@ def latency(args, device, dtype) -> dict:
 # --------------------------------------------------------------------------- part 2
 def memory_worker(args) -> dict:
     import hmt
-    from hmt import HMT, HMTConfig
 
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype)
     backbone, _ = hmt.load_backbone(args.backbone, dtype=dtype, device=device)
     torch.manual_seed(0)
-    config = HMTConfig(segment_length=args.segment_length, representation_length=args.representation_length,
-                       sensory_memory_size=args.sensory, num_memory_embeddings=args.num_memory)
-    model = HMT(backbone, config).eval()
+    model = hmt_from_args(backbone, args)
     ids = torch.load(args.ids_file)[:, : args.length].contiguous().to(device)
     T = ids.shape[1]
     exact = args.memory_mode == "exact"
@@ -554,14 +549,8 @@ def memory_worker(args) -> dict:
         for p in model.parameters():
             p.sum()
         model.generate(ids[:, :8], memory_state=model.new_memory(1), max_new_tokens=2, exact_retrieval=exact)
-    gc.collect()
-    load_peak = ru_maxrss_bytes()
-    after_load = current_rss_bytes()
-    was_reset = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_after_load = torch.cuda.memory_allocated(device)
+    watch = MemoryWatch(device)
+    watch.loaded()
 
     class Rss(Stamps):  # also samples RSS at the end of prefill and at the end
         def put(self, value):
@@ -582,11 +571,9 @@ def memory_worker(args) -> dict:
     generated = int(out.sequences.shape[1] - T)
     segments_closed, cache_size = int(out.memory_state.segments_seen[0]), int(out.memory_state.cache_sizes[0])
     maxrss = ru_maxrss_bytes()
-    from _common import _status_kib
-
     hwm = _status_kib("VmHWM")
     hwm = hwm * 1024 if hwm is not None else None
-    peak = (hwm if hwm is not None else maxrss) if was_reset else max(maxrss, after_load)
+    memory = watch.figures("generate", watch.peak(hwm if watch.was_reset else None))
     # What of the end RSS is live: drop the output, then hand glibc's free heap back.
     del out
     gc.collect()
@@ -598,23 +585,16 @@ def memory_worker(args) -> dict:
         trimmed = current_rss_bytes()
     except (OSError, AttributeError):
         pass
-    result = {
+    return {
         "tokens": T, "generated": generated, "mode": args.memory_mode,
         "prefill_s": fig["wall"]["prefill_s"], "decode_s": fig["wall"]["decode_s"],
         "prefill_cpu_s": fig["cpu"]["prefill_s"], "decode_cpu_s": fig["cpu"]["decode_s"],
-        "load_peak_rss_bytes": load_peak, "rss_after_load_bytes": after_load,
-        "ru_maxrss_bytes": maxrss, "vmhwm_bytes": hwm, "generate_peak_rss_bytes": peak,
-        "working_bytes": peak - after_load, "hwm_reset": was_reset,
+        "ru_maxrss_bytes": maxrss, "vmhwm_bytes": hwm, **memory,
         "rss_after_prefill_bytes": stamps.rss_after_prefill, "rss_at_end_bytes": stamps.rss_at_end,
         "rss_after_malloc_trim_bytes": trimmed, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "segments_closed": segments_closed, "cache_size": cache_size,
         "threads": torch.get_num_threads(), "device": str(device),
     }
-    if device.type == "cuda":
-        cuda_peak = torch.cuda.max_memory_allocated(device)
-        result.update(cuda_max_allocated_bytes=cuda_peak, cuda_after_load_bytes=cuda_after_load,
-                      cuda_working_bytes=cuda_peak - cuda_after_load)
-    return result
 
 
 def worker_command(args, length: int, ids_file: str) -> list[str]:
@@ -724,15 +704,14 @@ def batched(args, device, dtype) -> dict:
     """HMT's batched decoding against the same rows one at a time, and the plain backbone's own
     batched KV-cached decoding as the reference."""
     import hmt
-    from hmt import HMT, HMTConfig, MemoryState
+    from hmt import MemoryState
     from hmt import backbone as bb
 
     clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
     backbone, tokenizer = hmt.load_backbone(args.backbone, dtype=dtype, device=device)
     torch.manual_seed(0)
-    config = HMTConfig(segment_length=args.segment_length, representation_length=args.representation_length,
-                       sensory_memory_size=args.sensory, num_memory_embeddings=args.num_memory)
-    model = HMT(backbone, config).eval()
+    model = hmt_from_args(backbone, args)
+    config = model.config
     L, j, k, B = config.segment_length, config.representation_length, config.sensory_memory_size, args.batch
     segments = max(1, -(-args.prompt_tokens // L))
     T = segments * L

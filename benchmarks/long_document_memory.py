@@ -34,7 +34,6 @@ With --segment-baseline, also model(ids, labels=ids, return_logits=False, use_me
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -44,7 +43,7 @@ import time
 
 import torch
 
-from _common import current_rss_bytes, document_ids, environment, parse_dtype, pick_device, reset_peak_rss, ru_maxrss_bytes, table, write_json
+from _common import MemoryWatch, document_ids, environment, hmt_from_args, parse_dtype, pick_device, synchronize, table, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IGNORE_INDEX = -100
@@ -82,20 +81,14 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     import hmt
-    from hmt import HMT, HMTConfig
     from hmt import backbone as bb
 
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype)
     backbone, _ = hmt.load_backbone(args.backbone, dtype=dtype, device=device)
     torch.manual_seed(0)  # W_q, W_k are initialised from the global RNG
-    config = HMTConfig(
-        segment_length=args.segment_length,
-        representation_length=args.representation_length,
-        sensory_memory_size=args.sensory,
-        num_memory_embeddings=args.num_memory,
-    )
-    model = HMT(backbone, config).eval()
+    model = hmt_from_args(backbone, args)
+    config = model.config
     ids = torch.load(args.ids_file)[:, : args.length].contiguous().to(device)
     T = ids.shape[1]
     # The weights are memory-mapped from safetensors and only become resident when first
@@ -105,42 +98,26 @@ def worker(args) -> dict:
         for p in model.parameters():
             p.sum()
         run_variant(args.variant, model, backbone, bb, config, ids[:, :8])
-    gc.collect()
-    load_peak = ru_maxrss_bytes()
-    after_load = current_rss_bytes()
-    was_reset = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_after_load = torch.cuda.memory_allocated(device)
+    watch = MemoryWatch(device)
+    watch.loaded()
 
     start = time.perf_counter()
     with torch.no_grad():
         nll, n = run_variant(args.variant, model, backbone, bb, config, ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
 
-    scoring_peak = ru_maxrss_bytes() if was_reset else max(ru_maxrss_bytes(), after_load)
-    result = {
+    memory = watch.figures("scoring")
+    return {
         "variant": args.variant,
         "tokens": T,
         "seconds": seconds,
         "nll_per_token": nll / max(n, 1),
-        "peak_rss_bytes": max(load_peak, scoring_peak),
-        "load_peak_rss_bytes": load_peak,
-        "rss_after_load_bytes": after_load,
-        "scoring_peak_rss_bytes": scoring_peak,
-        "working_bytes": scoring_peak - after_load,
-        "hwm_reset": was_reset,
+        "peak_rss_bytes": max(watch.load_peak, memory["scoring_peak_rss_bytes"]),
+        **memory,
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        result.update(cuda_max_allocated_bytes=peak, cuda_after_load_bytes=cuda_after_load,
-                      cuda_working_bytes=peak - cuda_after_load)
-    return result
 
 
 # --------------------------------------------------------------------------- parent

@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 
 import hmt
-from hmt import HMT, HMTConfig
+from hmt import HMT
 from hmt import backbone as bb
 
-from _common import document_ids, environment, median, parse_dtype, pick_device, synchronize, table, write_json
+from _common import document_ids, environment, hmt_from_args, median, parse_dtype, pick_device, synchronize, table, write_json
 
 IGNORE_INDEX = -100
 VARIANTS = ("hmt", "plain_model", "plain_direct")
@@ -224,13 +224,8 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     backbone, tokenizer = hmt.load_backbone(args.backbone, dtype=dtype, device=device)
-    config = HMTConfig(
-        segment_length=args.segment_length,
-        representation_length=args.representation_length,
-        sensory_memory_size=args.sensory,
-        num_memory_embeddings=args.num_memory,
-    )
-    model = HMT(backbone, config).eval()
+    model = hmt_from_args(backbone, args)
+    config = model.config
     load_s = time.perf_counter() - t0
     ids = document_ids(tokenizer, args.tokens).to(device)
     T, L, j, k = ids.shape[1], config.segment_length, config.representation_length, config.sensory_memory_size

@@ -38,7 +38,6 @@ recomputes the very same segment in backward.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -57,7 +56,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    current_rss_bytes, document_ids, environment, parse_dtype, pick_device, reset_peak_rss, ru_maxrss_bytes, table, write_json,
+    MemoryWatch, document_ids, environment, parse_dtype, pick_device, synchronize, table, write_json,
 )
 
 
@@ -108,23 +107,16 @@ def worker(args) -> dict:
     train_step(model, warm, args.checkpoint)
     model.zero_grad(set_to_none=True)
     del warm
-    gc.collect()
-    load_peak = ru_maxrss_bytes()
-    after_load = current_rss_bytes()
-    was_reset = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_after_load = torch.cuda.memory_allocated(device)
+    watch = MemoryWatch(device)
+    watch.loaded()
 
     start = time.perf_counter()
     loss = train_step(model, ids, args.checkpoint)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
 
-    step_peak = ru_maxrss_bytes() if was_reset else max(ru_maxrss_bytes(), after_load)
-    result = {
+    memory = watch.figures("step")
+    return {
         "depth": args.depth,
         "checkpoint_segments": args.checkpoint,
         "tokens": T,
@@ -133,20 +125,11 @@ def worker(args) -> dict:
         "loss": float(loss),
         "grad_norm": grad_norm(params),
         "trainable_params": sum(p.numel() for p in params),
-        "peak_rss_bytes": max(load_peak, step_peak),
-        "load_peak_rss_bytes": load_peak,
-        "rss_after_load_bytes": after_load,
-        "step_peak_rss_bytes": step_peak,
-        "working_bytes": step_peak - after_load,
-        "hwm_reset": was_reset,
+        "peak_rss_bytes": max(watch.load_peak, memory["step_peak_rss_bytes"]),
+        **memory,
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        result.update(cuda_max_allocated_bytes=peak, cuda_after_load_bytes=cuda_after_load,
-                      cuda_working_bytes=peak - cuda_after_load)
-    return result
 
 
 # --------------------------------------------------------------------------- parent
