@@ -289,6 +289,14 @@ class _Decoder:
         self._refresh(list(range(len(self.rows))))
 
     # ---------------------------------------------------------------- helpers
+    def _padded(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Token-id lists as one right-padded ``(n, longest)`` tensor, and their lengths."""
+        lengths = [len(ids) for ids in id_lists]
+        ids = torch.zeros(len(id_lists), max(lengths), dtype=torch.long, device=self.model.embedding_layer.weight.device)
+        for i, row in enumerate(id_lists):
+            ids[i, : lengths[i]] = torch.tensor(row, dtype=torch.long)
+        return ids, lengths
+
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """``(len(ids), d)`` input embeddings."""
         layer = self.model.embedding_layer
@@ -377,10 +385,7 @@ class _Decoder:
         cropped off again. Rows new to the lane first run [T | E_0 .. E_{t-2}] (one call per t)."""
         model, j = self.model, self.model.config.representation_length
         if not self.incremental:  # the whole encoding pass, batched
-            lengths = [min(len(self.rows[r].open_ids), j) for r in rows]
-            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=model.embedding_layer.weight.device)
-            for i, r in enumerate(rows):
-                ids[i, : lengths[i]] = torch.tensor(self.rows[r].open_ids[: lengths[i]], dtype=torch.long)
+            ids, lengths = self._padded([self.rows[r].open_ids[:j] for r in rows])
             return model.representation_encoder(model.backbone, model.embedding_layer(ids), lengths)
         prompt = model.representation_encoder.summary_prompt.view(1, 1, -1).to(model.embedding_layer.weight.dtype)
         t = {r: min(len(self.rows[r].open_ids), j) for r in rows}
@@ -409,10 +414,7 @@ class _Decoder:
                 # one search per segment: query with the latest tokens there are (sensory + open)
                 query = (row.state.sensory_ids[0, : int(row.state.sensory_lengths[0])].tolist() + query)[-j:]
             queries.append(query)
-        lengths = [len(q) for q in queries]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=self.rows[rows[0]].state.sensory_ids.device)
-        for i, query in enumerate(queries):
-            ids[i, : lengths[i]] = torch.tensor(query, dtype=torch.long)
+        ids, lengths = self._padded(queries)
         state = MemoryState.cat([self.rows[r].state for r in rows])
         recalled, _ = model.read_memory(state, model.embedding_layer(ids), lengths)
         for r, token in zip(rows, recalled.to(model.embedding_layer.weight.dtype)):
@@ -424,10 +426,7 @@ class _Decoder:
         states = [self.rows[r].state for r in rows]
         sensory_ids = torch.cat([s.sensory_ids for s in states])
         sensory_lens = torch.cat([s.sensory_lengths for s in states]).tolist()
-        lengths = [len(self.rows[r].open_ids) for r in rows]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=sensory_ids.device)
-        for i, r in enumerate(rows):
-            ids[i, : lengths[i]] = torch.tensor(self.rows[r].open_ids, dtype=torch.long)
+        ids, lengths = self._padded([self.rows[r].open_ids for r in rows])
         memory_token = torch.stack([self.rows[r].memory_token for r in rows])  # (n, 1, d)
         return model.augmented_inputs(memory_token, sensory_ids, sensory_lens, model.embedding_layer(ids), lengths,
                                       write_slot=False)
