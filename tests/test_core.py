@@ -229,6 +229,32 @@ def test_extraction_strategies():
     assert sum(p.numel() for p in compressed.parameters()) == 6 * 6 + 6
 
 
+def test_embedding_compression_writes_token_like_memories():
+    """'embedding' compression: b + W m/|m|, with W = 0 and b = the mean token embedding at init,
+    so every memory an untrained model writes (and so every P_n) is that mean embedding; once W
+    trains, the written memory carries the hidden state and the loss reaches W."""
+    model = build("llama", memory_compression="embedding")
+    mean = model.embedding_layer.weight.mean(0)
+    with torch.no_grad():
+        out = model(tokens(2, 3 * L + 2))
+    assert out.memory_embeddings.shape == (2, 4, model.config.hidden_dim)
+    torch.testing.assert_close(out.memory_embeddings, mean.expand_as(out.memory_embeddings), **TOL)
+    plain = build("llama")  # same backbone and memory parameters, no compression
+    compression = model.memory_generator.compression
+    with torch.no_grad():
+        compression.weight.copy_(torch.randn(compression.weight.shape, generator=torch.Generator().manual_seed(3)))
+    hidden, mask = torch.randn(2, 5, model.config.hidden_dim), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    raw = plain.memory_generator(hidden, mask)
+    torch.testing.assert_close(model.memory_generator(hidden, mask),
+                               mean + torch.nn.functional.normalize(raw, dim=-1) @ compression.weight.T, **TOL)
+    model.train()
+    model(tokens(1, 2 * L), labels=tokens(1, 2 * L), memory_state=model.new_memory(1)).loss.backward()
+    assert compression.weight.grad is not None and compression.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="memory_compression must be one of"):
+        HMTConfig(memory_compression="linear")
+    assert HMTConfig(memory_compression=True).memory_compression == "identity"
+
+
 @pytest.mark.parametrize("strategy", ["mean", "max", "cls"])
 def test_other_strategies_run_in_hmt(strategy):
     model = build("llama", extraction_strategy=strategy)

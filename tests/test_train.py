@@ -198,3 +198,36 @@ def test_qa_task_trains_on_answers_only(tmp_path, backbone_dir):
 
     validation = [r for r in rows if assign_split(r["id"], config.split_fractions, config.split_seed) == "validation"]
     assert result.eval["tokens"] == 2 * min(config.eval_documents, len(validation))
+
+
+def test_memory_only_stage_on_a_lora_checkpoint_keeps_its_lora_frozen(tmp_path):
+    """A memory-only run started from a LoRA checkpoint (e.g. the baseline) trains HMT's own
+    parameters, leaves the LoRA exactly as it was, and ships it in the final checkpoint; a
+    compression layer added by the override starts fresh."""
+    start = _run(tiny_config(tmp_path / "base", steps=2))
+    config = tiny_config(tmp_path / "mem", init_from=start.final_dir, trainable="memory", steps=3, lr=1e-2,
+                         hmt_lr=3e-2, hmt=dict(segment_length=8, sensory_memory_size=2, memory_compression="embedding"))
+    model = build_model(config, tiny_backbone())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and not any(n.startswith("backbone.") for n in trained)
+    assert "memory_generator.compression.weight" in trained
+    assert model.memory_generator.compression.weight.abs().sum() == 0  # fresh: W = 0
+    result = _run(config)
+    before, after = _weights(start), _weights(result)
+    lora = [k for k in before if k.startswith("lora.")]
+    assert lora and all(torch.equal(before[k], after[k]) for k in lora)
+    assert after["hmt.memory_generator.compression.weight"].abs().sum() > 0  # it trained
+    assert json.loads((Path(result.final_dir) / "hmt_meta.json").read_text())["trained_backbone"] == "lora"
+
+
+def test_hmt_lr_sets_the_learning_rate_of_hmts_own_parameters(tmp_path):
+    from hmt.train import parameter_groups
+
+    config = tiny_config(tmp_path, lr=1e-3, hmt_lr=5e-2)
+    model = build_model(config, tiny_backbone())
+    groups = parameter_groups(model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 5e-2]
+    assert all("lora_" in names[id(p)] for p in groups[0]["params"])
+    assert all(not names[id(p)].startswith("backbone.") for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())

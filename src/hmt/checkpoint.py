@@ -180,7 +180,7 @@ def resolve(directory: str | os.PathLike) -> Path:
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / META_NAME
+    path = resolve(directory) / META_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No {META_NAME} in {directory}: not an HMT checkpoint (expected {CONFIG_NAME}, {META_NAME}, {WEIGHTS_NAME}).")
     try:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 EXTRACTION_STRATEGIES = ("last", "mean", "max", "cls")
+COMPRESSIONS = (False, "identity", "embedding")
 CONFIG_NAME = "hmt_config.json"
 
 
@@ -66,11 +67,15 @@ class HMTConfig:
             "(pooled over the real positions), 'cls' (the first position)."
         },
     )
-    memory_compression: bool = field(
+    memory_compression: Any = field(
         default=False,
         metadata={
-            "help": "Add a learned d x d compression layer on the extracted memory embedding "
-            "(initialised to the identity). The paper uses none."
+            "help": "A learned d x d layer on the extracted memory embedding. False: none (the "
+            "paper's). 'identity' (or True): a linear layer initialised to the identity. "
+            "'embedding': maps the memory into the input-embedding space the backbone reads: "
+            "b + W m/|m|, with W = 0 and b = the mean token embedding at init, so an untrained "
+            "memory token looks like an ordinary token (a raw final hidden state at position 0 "
+            "disrupts a Llama-style backbone's first-position attention)."
         },
     )
     use_retrieval: bool = field(
@@ -116,7 +121,13 @@ class HMTConfig:
                 f"HMTConfig.extraction_strategy must be one of {EXTRACTION_STRATEGIES}, "
                 f"got {self.extraction_strategy!r}."
             )
-        for name in ("memory_compression", "use_retrieval"):
+        if self.memory_compression is True:
+            self.memory_compression = "identity"
+        if self.memory_compression not in COMPRESSIONS:
+            raise ValueError(
+                f"HMTConfig.memory_compression must be one of {COMPRESSIONS}, got {self.memory_compression!r}."
+            )
+        for name in ("use_retrieval",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HMTConfig.{name} must be True or False, got {getattr(self, name)!r}.")
 

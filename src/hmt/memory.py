@@ -268,7 +268,8 @@ class MemoryEmbeddingGenerator(nn.Module):
     ``"last"`` (the paper's, and the default) takes the last real position: in HMT's
     augmented segment that is the trailing memory token. ``"mean"`` and ``"max"`` pool over
     the real positions, ``"cls"`` takes the first. With ``config.memory_compression`` a
-    learned d x d layer (initialised to the identity) follows.
+    learned d x d layer follows: initialised to the identity, or (``"embedding"``) mapping the
+    unit-normalised memory into the input-embedding space, ``b + W m/|m|``.
     """
 
     def __init__(self, config: HMTConfig):
@@ -276,10 +277,14 @@ class MemoryEmbeddingGenerator(nn.Module):
         d = _require_hidden_dim(config)
         self.extraction_strategy = config.extraction_strategy
         self.compression: Optional[nn.Linear] = None
+        self.compression_kind = config.memory_compression
         if config.memory_compression:
             self.compression = nn.Linear(d, d)
             with torch.no_grad():
-                self.compression.weight.copy_(torch.eye(d))
+                if config.memory_compression == "identity":
+                    self.compression.weight.copy_(torch.eye(d))
+                else:  # "embedding": W = 0; the bias is set to the mean token embedding by HMT
+                    self.compression.weight.zero_()
                 self.compression.bias.zero_()
 
     def forward(
@@ -310,7 +315,11 @@ class MemoryEmbeddingGenerator(nn.Module):
             out = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         else:  # max
             out = hidden_states.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(1)
-        return self.compression(out) if self.compression is not None else out
+        if self.compression is None:
+            return out
+        if self.compression_kind == "embedding":
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return self.compression(out)
 
 
 class RepresentationEncoder(nn.Module):

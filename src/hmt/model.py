@@ -120,6 +120,8 @@ class HMT(nn.Module):
         for param in (self.representation_encoder.summary_prompt, self.memory_search.initial_memory):
             noise = torch.randn(param.shape, generator=generator) * 0.1 * std
             param.copy_(mean.cpu() + noise)
+        if self.config.memory_compression == "embedding":
+            self.memory_generator.compression.bias.copy_(mean.cpu())
         ref = table
         for module in (self.representation_encoder, self.memory_search, self.memory_generator):
             module.to(device=ref.device, dtype=ref.dtype)

@@ -80,6 +80,10 @@ class TrainConfig:
     batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step."})
     grad_accum: int = 1
     lr: float = 1e-4
+    hmt_lr: Optional[float] = field(
+        default=None,
+        metadata={"help": "Learning rate of HMT's own parameters (T, initial memory, W_q, W_k, compression); None: lr."},
+    )
     weight_decay: float = 0.0
     warmup_steps: int = 10
     decay: str = field(default="step", metadata={"help": "'step' (x decay_gamma every decay_every steps, the paper's), 'cosine', 'constant'."})
@@ -206,8 +210,13 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
     hmt_overrides = dict(config.hmt)
     if config.init_from:
         read_meta(config.init_from)  # a clear error before anything loads
+        # Fields that add or reshape HMT's own modules: the checkpoint loads as it was saved,
+        # then the new modules start fresh (e.g. a compression layer added in a later stage).
+        structural = {k: hmt_overrides.pop(k) for k in ("memory_compression", "retrieval_dim") if k in hmt_overrides}
         model = HMT.from_pretrained(backbone, config.init_from, **hmt_overrides)
         backbone = model.backbone
+        if any(getattr(model.config, k) != v for k, v in structural.items()):
+            model = _rewrap(model, backbone, dataclasses.replace(model.config, **structural))
     else:
         model = None
     if config.trainable == "lora" and bb.unwrap(backbone) is backbone:
@@ -224,9 +233,24 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
     return model
 
 
-def _rewrap(model: HMT, backbone: nn.Module) -> HMT:
-    fresh = HMT(backbone, model.config)
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, strict=False)
+def parameter_groups(model: HMT, config: TrainConfig) -> list[dict]:
+    """The trained parameters as AdamW groups: the backbone's at ``lr``, HMT's own at ``hmt_lr``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if n.startswith("backbone.")]
+    own = [p for n, p in named if not n.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": config.lr}] if backbone else []
+    if own:
+        groups.append({"params": own, "lr": config.hmt_lr if config.hmt_lr is not None else config.lr})
+    return groups
+
+
+def _rewrap(model: HMT, backbone: nn.Module, config: Optional[HMTConfig] = None) -> HMT:
+    """``model``'s own parameters around ``backbone`` (with ``config``: those that still fit it)."""
+    fresh = HMT(backbone, config or model.config)
+    target = fresh.state_dict()
+    own = {k: v for k, v in model.state_dict().items()
+           if not k.startswith("backbone.") and k in target and target[k].shape == v.shape}
+    fresh.load_state_dict(own, strict=False)
     return fresh
 
 
@@ -382,7 +406,7 @@ def train(
     model = build_model(config, backbone).to(accelerator.device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start_step = 0
     checkpoint_dir = out_dir / "checkpoint"
@@ -489,7 +513,11 @@ def _stop_on_sigterm():
 
 
 def _trained_kind(config: TrainConfig) -> str:
-    return {"memory": "none", "lora": "lora", "full": "full"}[config.trainable]
+    """What of the backbone the final checkpoint must hold: what this run trained, or, for a
+    memory-only run, what its start checkpoint already carried (e.g. a frozen LoRA)."""
+    if config.trainable == "memory":
+        return read_meta(config.init_from).get("trained_backbone", "none") if config.init_from else "none"
+    return config.trainable
 
 
 def _tensorboard(out_dir: Path, config: TrainConfig):
