@@ -46,6 +46,12 @@ def held_out_documents(tokenizer, sources, count: int, min_tokens: int, max_toke
     return [(corpus.names[i], torch.as_tensor(corpus.document(i)[:max_tokens])) for i in chosen]
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two backbones hold identical weights (an adapter trained on a frozen baseline does)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/main"))
@@ -78,7 +84,9 @@ def main(argv=None) -> int:
     baseline_backbone, weights = None, {}
     if args.baseline:
         baseline_backbone = hmt.HMT.from_pretrained(hmt.load_backbone()[0], args.baseline).backbone.eval()
-        label = f"backbone + LoRA fine-tuned without memory ({Path(args.baseline).name}), same data and steps"
+        label = f"backbone + LoRA fine-tuned without memory ({Path(args.baseline).name})"
+        label += (", the very weights HMT's adapter reads" if same_weights(model.backbone, baseline_backbone)
+                  else ", same data and steps")
     else:
         label = "base backbone weights"
     protocols = [p for p in args.protocols.split(",") if p]

@@ -78,6 +78,9 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
 
         peft_config = model.backbone.peft_config["default"]
         meta["lora_config"] = json.loads(json.dumps(peft_config.to_dict(), default=_jsonable))
+        base = meta["lora_config"].get("base_model_name_or_path")
+        if base:  # a name, not this machine's path
+            meta["lora_config"]["base_model_name_or_path"] = Path(str(base)).name
         tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(model.backbone).items()})
     elif kind == "full":
         tensors.update({f"backbone.{k}": v for k, v in bb.unwrap(model.backbone).state_dict().items()})
