@@ -135,7 +135,8 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         if bb.unwrap(backbone) is backbone:
-            backbone = get_peft_model(backbone, LoraConfig(**meta["lora_config"]))
+            lora_config = {k: v for k, v in meta["lora_config"].items() if k != "base_model_name_or_path"}
+            backbone = get_peft_model(backbone, LoraConfig(**lora_config))  # peft names the base model itself
         result = set_peft_model_state_dict(backbone, _strip(tensors, "lora."))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
