@@ -233,3 +233,11 @@ def test_hmt_lr_sets_the_learning_rate_of_hmts_own_parameters(tmp_path):
     assert all("lora_" in names[id(p)] for p in groups[0]["params"])
     assert all(not names[id(p)].startswith("backbone.") for p in groups[1]["params"])
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    stages = load_recipe(recipe)
+    assert stages and all(isinstance(config, TrainConfig) for _, config in stages)
+    for _, config in stages:
+        config.hmt_config()  # every HMT field valid
