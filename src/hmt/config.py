@@ -127,9 +127,8 @@ class HMTConfig:
             raise ValueError(
                 f"HMTConfig.memory_compression must be one of {COMPRESSIONS}, got {self.memory_compression!r}."
             )
-        for name in ("use_retrieval",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"HMTConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.use_retrieval, bool):
+            raise ValueError(f"HMTConfig.use_retrieval must be True or False, got {self.use_retrieval!r}.")
 
     # ------------------------------------------------------------------ derived sizes
     @property

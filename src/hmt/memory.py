@@ -318,7 +318,7 @@ class MemoryEmbeddingGenerator(nn.Module):
         if self.compression is None:
             return out
         if self.compression_kind == "embedding":
-            out = torch.nn.functional.normalize(out, dim=-1)
+            out = F.normalize(out, dim=-1)
         return self.compression(out)
 
 
