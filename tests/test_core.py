@@ -51,6 +51,55 @@ def test_memory_off_padded_batch_equals_backbone(arch):
     assert out[1, L + 2 :].abs().max() == 0
 
 
+def test_sensory_mode_equals_backbone_on_prefixed_segments(arch):
+    """use_memory='sensory': each segment read by the bare backbone after the k tokens before it."""
+    model = build(arch)
+    K = model.config.sensory_memory_size
+    ids = tokens(2, 3 * L + 4, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, 2 * L + 1 :] = 0  # row 1 ends inside segment 2
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=ids, use_memory="sensory")
+        for row, n in ((0, ids.shape[1]), (1, 2 * L + 1)):
+            expected = []
+            for start in range(0, n, L):
+                first = max(0, start - K)
+                expected.append(model.backbone(ids[row : row + 1, first : min(start + L, n)]).logits[0, start - first :])
+            torch.testing.assert_close(out.logits[row, :n], torch.cat(expected), **TOL)
+        assert out.logits[1, 2 * L + 1 :].abs().max() == 0
+        plain = model(ids[:1], labels=ids[:1], use_memory="sensory")
+        logp = torch.log_softmax(plain.logits[0, :-1].double(), -1)
+        expected_nll = -logp.gather(1, ids[0, 1:, None]).sum()
+    torch.testing.assert_close(plain.nll_sum[0].double(), expected_nll, atol=1e-3, rtol=1e-5)
+    assert model.memory_state is None  # the memory is neither read nor written
+    with pytest.raises(ValueError, match="use_memory must be"):
+        model(ids, use_memory="hmt")
+
+
+def test_sensory_mode_gradient_reaches_the_prefix():
+    """The second segment's loss depends on the previous segment's last k tokens (and only those)."""
+    model = build("llama")
+    K = model.config.sensory_memory_size
+    ids = tokens(1, 2 * L, seed=6)
+    embeds = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        embeds.append(output)
+
+    hook = model.embedding_layer.register_forward_hook(keep)
+    labels = torch.cat([torch.full((1, L + 1), -100), ids[:, L + 1 :]], 1)  # segment 0 scores nothing
+    out = model(ids, labels=labels, use_memory="sensory")
+    hook.remove()
+    out.loss.backward()
+    first, rest = embeds[0], embeds[1:]  # segment 0; then segment 1 and its prefix
+    assert first.grad is None or first.grad.abs().max() == 0  # segment 0 is not scored
+    segment, prefix = sorted(rest, key=lambda e: -e.shape[1])
+    assert (segment.shape[1], prefix.shape[1]) == (L, K)
+    assert prefix.grad.abs().amax(-1).gt(0).all()  # every prefix token is read
+    assert segment.grad[:, :-1].abs().amax(-1).gt(0).all()  # (the last token predicts nothing here)
+
+
 def test_memory_changes_predictions(arch):
     model = build(arch)
     ids = tokens(1, 3 * L)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from hmt import HMT
-from hmt.train import TrainConfig, batch_order, build_model, load_recipe, train
+from hmt.train import TrainConfig, batch_order, build_model, evaluate_documents, load_recipe, set_trainable, train
 
 from .helpers.tiny_training import PatternWindows, eval_documents, tiny_backbone, tiny_config
 
@@ -109,6 +110,19 @@ def test_baseline_trains_the_backbone_without_memory(tmp_path):
     assert result.history[-1]["val_ppl"] > 0
     with pytest.raises(ValueError, match="Nothing to train"):
         build_model(tiny_config(tmp_path, use_memory=False, trainable="memory"), tiny_backbone())
+
+
+def test_sensory_baseline_trains_and_validates_in_its_own_setting(tmp_path):
+    config = tiny_config(tmp_path, use_memory="sensory", steps=2)
+    result = _run(config)
+    model = HMT.from_pretrained(tiny_backbone(), result.final_dir)
+    docs = eval_documents()
+    expected = evaluate_documents(model, docs, use_memory="sensory")
+    assert math.isclose(result.history[-1]["val_ppl"], expected["ppl"], rel_tol=1e-4)
+    assert not math.isclose(expected["ppl"], evaluate_documents(model, docs, use_memory=False)["ppl"], rel_tol=1e-4)
+    assert not any(n.startswith("memory_search") for n in set_trainable(model, config))
+    with pytest.raises(ValueError, match="use_memory must be"):
+        tiny_config(tmp_path, use_memory="yes")
 
 
 def test_recipe_stages_and_overrides(tmp_path):

@@ -37,7 +37,7 @@ def _load_model(args: argparse.Namespace):
     from .memory import MemoryState
     from .model import HMT
 
-    backbone, tokenizer = load_backbone(args.backbone)
+    backbone, tokenizer = load_backbone(args.backbone, device=_device(args))
     if args.checkpoint:
         model = HMT.from_pretrained(backbone, args.checkpoint)
     else:
@@ -125,7 +125,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .model import HMT
 
     def fresh_backbone():
-        return load_backbone(args.backbone)
+        return load_backbone(args.backbone, device=_device(args))
 
     backbone, tokenizer = fresh_backbone()
     if args.hmt:
@@ -179,8 +179,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace) -> str:
+    """``--device``, else the first GPU when there is one, else the CPU."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU when there is one).")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="HF id or directory (default: SmolLM2-135M).")
+    _add_device_argument(parser)
     parser.add_argument("--checkpoint", default=None, help="HMT checkpoint directory (save_pretrained).")
     parser.add_argument("--segment-length", type=int, default=256, help="L when no checkpoint is given.")
     parser.add_argument("--memory-file", default=None, help="Load the memory from / save it to this file.")
@@ -222,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Comma-separated: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, and "
                                "hmt-causal (HMT scored strictly causally; ~j extra passes per segment).")
     evaluate.add_argument("--backbone", default=None)
+    _add_device_argument(evaluate)
     evaluate.add_argument("--hmt", default=None, help="HMT checkpoint (default: untrained HMT).")
     evaluate.add_argument("--stage1", default=None, help="Stage-1 checkpoint for the recurrence protocol.")
     evaluate.add_argument("--baseline", default=None, help="Checkpoint of the backbone fine-tuned without memory.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +244,7 @@ class HMT(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-        use_memory: bool = True,
+        use_memory: Union[bool, str] = True,
         memory_state: Optional[MemoryState] = None,
         return_logits: bool = True,
         detach_every: Optional[int] = None,
@@ -260,7 +260,10 @@ class HMT(nn.Module):
                 -100 and padding are ignored). Gives ``loss`` and the NLL fields.
             use_memory: False runs the plain backbone on the same disjoint L-token
                 segments (no sensory, no memory tokens) and leaves the memory untouched:
-                the paper's baseline.
+                the paper's baseline. ``"sensory"`` runs the plain backbone on each
+                segment prefixed by the last k tokens before it in ``input_ids`` (the
+                sensory-prefix baseline, positions from 0, no memory token; the first
+                segment of the call has no prefix), also leaving the memory untouched.
             memory_state: start from this memory (functional use); the stateful memory is
                 then neither read nor written. None: use and update the stateful memory.
             return_logits: False skips keeping ``(B, T, vocab)`` logits, so a long document
@@ -273,6 +276,9 @@ class HMT(nn.Module):
         Returns:
             :class:`HMTOutput`.
         """
+        if use_memory not in (True, False, "sensory"):
+            raise ValueError(f"use_memory must be True, False or 'sensory', got {use_memory!r}.")
+        sensory_only, use_memory = use_memory == "sensory", use_memory is True
         ids, mask, labels, starts, lengths = self._check_inputs(input_ids, attention_mask, labels)
         if detach_every is not None and (not isinstance(detach_every, int) or detach_every < 1):
             raise ValueError(f"detach_every must be a positive integer or None, got {detach_every!r}.")
@@ -308,7 +314,9 @@ class HMT(nn.Module):
             seg_ids = ids[:, s * L : (s + 1) * L]
             seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
             seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]] if targets is not None else None
-            args = (state, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
+            mode = state if use_memory else (ids[:, max(0, s * L - self.config.sensory_memory_size) : s * L]
+                                             if sensory_only else None)
+            args = (mode, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
             if checkpoint_segments and torch.is_grad_enabled():
                 # Recompute the segment in backward: activations of only one segment live at a time.
                 step = torch.utils.checkpoint.checkpoint(self._segment, *args, use_reentrant=False)
@@ -374,12 +382,17 @@ class HMT(nn.Module):
         return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
 
     def _segment(self, state, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool) -> "_Step":
-        """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write."""
+        """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write.
+
+        ``state`` is the memory with ``use_memory``; else the ``(B, <=k)`` sensory prefix ids for the
+        sensory-prefix baseline (every row with tokens in this segment has a full previous one),
+        or None for disjoint segments.
+        """
         step = _Step()
         if use_memory:
             hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(state, seg_ids, seg_lens)
         else:
-            hidden = self._plain_segment(seg_ids, seg_lens)
+            hidden = self._plain_segment(seg_ids, seg_lens, state)
         if want_logits:
             step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
         if seg_targets is not None:
@@ -413,10 +426,14 @@ class HMT(nn.Module):
         state = state.push(memory, active, self.config.num_memory_embeddings).with_sensory(seg_ids, lens, active)
         return segment_hidden, state, memory, weights, owner
 
-    def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int]) -> torch.Tensor:
+    def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int], prefix_ids=None) -> torch.Tensor:
         B, width = seg_ids.shape
-        packed = pack_rows([(self.embedding_layer(seg_ids), seg_lens)])
-        return run_packed(self.backbone, packed)[:, :width]
+        parts = [(self.embedding_layer(seg_ids), seg_lens)]
+        if prefix_ids is not None and prefix_ids.shape[1] > 0:
+            k = prefix_ids.shape[1]
+            parts.insert(0, (self.embedding_layer(prefix_ids), [k if n > 0 else 0 for n in seg_lens]))
+        packed = pack_rows(parts)
+        return gather_rows(run_packed(self.backbone, packed), packed.offsets[-1], width)
 
     @staticmethod
     def _prepend_pending(state: MemoryState, ids, labels, lengths):
@@ -460,7 +477,8 @@ class HMT(nn.Module):
                 f"input_ids holds ids in [{low}, {high}] but the backbone's vocabulary has {vocab} "
                 "entries (0 .. vocab-1). Was the text tokenised with another tokenizer?"
             )
-        ids = input_ids.long()
+        device = self.embedding_layer.weight.device  # inputs may come from the CPU (a tokenizer's tensors)
+        ids = input_ids.long().to(device)
         if attention_mask is None:
             mask = torch.ones_like(ids)
         else:
@@ -469,7 +487,7 @@ class HMT(nn.Module):
                 raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {shape}.")
             if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
-            mask = attention_mask.long()
+            mask = attention_mask.long().to(device)
             edges = (mask[:, 1:] != mask[:, :-1]).sum(1) + mask[:, 0].ne(0).long() + mask[:, -1].ne(0).long()
             if bool((edges > 2).any()):
                 rows = (edges > 2).nonzero().flatten().tolist()
@@ -486,7 +504,7 @@ class HMT(nn.Module):
                 raise ValueError(f"labels must be a tensor with the shape of input_ids {(B, T)}.")
             if labels.is_floating_point():
                 raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}.")
-            labels = labels.long().masked_fill(mask == 0, IGNORE_INDEX)
+            labels = labels.long().to(device).masked_fill(mask == 0, IGNORE_INDEX)
         starts = mask.argmax(1)  # first real position of each row
         if bool(starts.any()):  # left padding: move each row's tokens to the front
             index = (torch.arange(T, device=ids.device).view(1, T) + starts.view(B, 1)) % T

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -44,9 +44,10 @@ class TrainConfig:
     # --- model
     backbone: Optional[str] = field(default=None, metadata={"help": "Backbone id or directory; None: SmolLM2-135M."})
     hmt: dict = field(default_factory=dict, metadata={"help": "HMTConfig fields (segment_length, ...)."})
-    use_memory: bool = field(
+    use_memory: Any = field(
         default=True,
-        metadata={"help": "False trains the baseline: the same backbone on the same disjoint segments, no memory."},
+        metadata={"help": "False trains the baseline: the same backbone on the same disjoint segments, no memory; "
+                          "'sensory': the baseline with each segment prefixed by the last k tokens before it."},
     )
     init_from: Optional[str] = field(
         default=None, metadata={"help": "HMT checkpoint directory (or 'stage:NAME') to start from."}
@@ -103,6 +104,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.use_memory not in (True, False, "sensory"):
+            raise ValueError(f"TrainConfig.use_memory must be true, false or 'sensory', got {self.use_memory!r}.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
         if self.task not in ("documents", "qa"):
@@ -261,13 +264,13 @@ def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
         if name.startswith("backbone."):
             if config.trainable == "full" or (config.trainable == "lora" and "lora_" in name):
                 param.requires_grad_(True)
-        elif config.use_memory:
+        elif config.use_memory is True:
             retrieval_only = name.startswith("representation_encoder.") or name.startswith("memory_search.query") or name.startswith("memory_search.key")
             # Stage 1 (no retrieval) never uses T, W_q, W_k: leave them frozen (DDP needs every trained parameter used).
             param.requires_grad_(model.config.use_retrieval or not retrieval_only)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trained:
-        raise ValueError("Nothing to train: use_memory=False with trainable='memory' leaves no parameter trainable.")
+        raise ValueError(f"Nothing to train: use_memory={config.use_memory!r} with trainable='memory' leaves no parameter trainable.")
     return trained
 
 
@@ -330,7 +333,7 @@ def batch_order(num_items: int, step: int, global_batch: int, seed: int) -> list
 
 # =========================================================================== evaluation
 @torch.no_grad()
-def evaluate_documents(model: HMT, documents: Sequence, use_memory: bool = True, accelerator=None) -> dict:
+def evaluate_documents(model: HMT, documents: Sequence, use_memory: Union[bool, str] = True, accelerator=None) -> dict:
     """Token-weighted perplexity over whole documents (every token scored once) or task examples (answers)."""
     was_training = model.training
     model.eval()
