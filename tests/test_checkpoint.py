@@ -32,6 +32,24 @@ def test_roundtrip_saves_only_hmt_parameters(tmp_path):
     assert not list(tmp_path.glob(".ckpt*"))  # no staging leftovers
 
 
+def test_saving_over_a_directory_keeps_other_files(tmp_path):
+    """A second save replaces HMT's files and leaves the user's own (README, logs) in place."""
+    backbone = make_backbone("llama").requires_grad_(False)
+    first = HMT(backbone, CONFIG).eval()
+    first.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "README.md").write_text("notes")
+    (tmp_path / "ckpt" / "logs").mkdir()
+    (tmp_path / "ckpt" / "logs" / "train.jsonl").write_text("{}")
+    second = HMT(backbone, CONFIG).eval()
+    randomize_memory_parameters(second)
+    second.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "README.md").read_text() == "notes"
+    assert (tmp_path / "ckpt" / "logs" / "train.jsonl").read_text() == "{}"
+    saved = load_file(str(tmp_path / "ckpt" / "hmt_weights.safetensors"))
+    torch.testing.assert_close(saved["hmt.memory_search.initial_memory"], second.memory_search.initial_memory.detach())
+    assert not list(tmp_path.glob(".ckpt*"))
+
+
 def test_lora_weights_are_saved_and_restored(tmp_path):
     peft = pytest.importorskip("peft")
     backbone = peft.get_peft_model(make_backbone("llama"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))

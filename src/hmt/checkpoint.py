@@ -225,8 +225,15 @@ def _tied_aliases(module: torch.nn.Module) -> set[str]:
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
-    """Put ``staging`` at ``target`` so that a crash leaves either the old or the new directory."""
+    """Put ``staging`` at ``target`` so that a crash leaves either the old or the new directory.
+
+    Files of ``target`` that ``staging`` does not hold (a README, a recipe, logs) are carried over.
+    """
     if target.exists():
+        for entry in target.iterdir():
+            if not (staging / entry.name).exists():
+                copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else shutil.copy2
+                copy(entry, staging / entry.name, **({"symlinks": True} if copy is shutil.copytree else {"follow_symlinks": False}))
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)

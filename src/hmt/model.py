@@ -115,13 +115,14 @@ class HMT(nn.Module):
         # Start T and the initial memory near the token-embedding distribution, so an
         # untrained HMT feeds the backbone inputs of a familiar scale.
         table = self.embedding_layer.weight
-        mean, std = table.float().mean(0), table.float().std()
+        # On the CPU (the seeded generator's device) whatever device the backbone is on.
+        mean, std = table.float().mean(0).cpu(), table.float().std().cpu()
         generator = torch.Generator().manual_seed(0)
         for param in (self.representation_encoder.summary_prompt, self.memory_search.initial_memory):
             noise = torch.randn(param.shape, generator=generator) * 0.1 * std
-            param.copy_(mean.cpu() + noise)
+            param.copy_(mean + noise)
         if self.config.memory_compression == "embedding":
-            self.memory_generator.compression.bias.copy_(mean.cpu())
+            self.memory_generator.compression.bias.copy_(mean)
         ref = table
         for module in (self.representation_encoder, self.memory_search, self.memory_generator):
             module.to(device=ref.device, dtype=ref.dtype)
