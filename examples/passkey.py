@@ -1,6 +1,7 @@
 """Passkey retrieval with the shipped adapter: accuracy against distance, HMT vs the backbone's own window.
 
     python examples/passkey.py --distances 256 1024 4096 16384 --trials 3 --out outputs/passkey
+    python examples/passkey.py --write-task outputs/passkey_task.jsonl   # training data for recipes/smollm2-passkey.yaml
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ def main(argv=None) -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--full-attention-limit", type=int, default=8192, help="also the backbone over the whole prompt up to this length")
     parser.add_argument("--out", type=Path, default=Path("outputs/passkey"))
+    parser.add_argument("--write-task", type=Path, default=None, metavar="JSONL",
+                        help="instead: write passkey training examples here (recipes/smollm2-passkey.yaml) and exit")
+    parser.add_argument("--task-count", type=int, default=4000)
+    parser.add_argument("--task-distances", type=int, nargs=2, default=[200, 600], metavar=("MIN", "MAX"))
     args = parser.parse_args(argv)
+    if args.write_task:
+        tokenizer = hmt.load_backbone()[1]
+        examples = passkey.task_examples(tokenizer, args.task_count, *args.task_distances)
+        print(f"wrote {len(examples)} examples to {passkey.write_task(args.write_task, examples)}")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = hmt.load_pretrained(args.adapter)
     results = passkey.run(model, tokenizer, args.distances, trials=args.trials, full_attention_limit=args.full_attention_limit)

@@ -68,3 +68,22 @@ def test_passkey_run_generates_room_for_the_whole_key(monkeypatch):
     results = passkey.run(model, Tok(), [100], trials=1, full_attention_limit=1000, progress=False)
     assert seen == [8, 8, 8]  # HMT, the window, full attention: len(" 12345") + 2
     assert results == {"hmt": {100: 0.0}, "window": {100: 0.0}, "full": {100: 0.0}}
+
+
+def test_passkey_task_examples_place_the_key_and_round_trip(tmp_path):
+    from hmt.data import load_qa_examples
+
+    tok = CharTokenizer()
+    examples = passkey.task_examples(tok, 20, 300, 600, seed=1, max_prefix=200)
+    assert len({e.name for e in examples}) == 20 and len({e.answer for e in examples}) > 15
+    filler = len(passkey.FILLER)
+    for ex in examples:
+        assert len(ex.answer) == 5 and ex.answer.isdigit() and ex.prompt == passkey.QUESTION
+        needle = ex.context.index(f"The pass key is {ex.answer}.")
+        assert needle <= 200 and needle % filler == 0  # whole filler sentences before the key
+        distance = len(ex.context) - needle + len(" " + ex.prompt)
+        assert 300 - filler / 2 <= distance <= 600 + filler / 2
+    path = passkey.write_task(tmp_path / "task.jsonl", examples)
+    loaded = load_qa_examples(path, name_field="name")
+    assert [(e.context, e.prompt, e.answer, e.name) for e in loaded] == [(e.context, e.prompt, e.answer, e.name) for e in examples]
+    assert passkey.task_examples(tok, 20, 300, 600, seed=1, max_prefix=200) == examples  # seeded

@@ -38,6 +38,54 @@ def make_prompt(tokenizer, distance: int, key: str, prefix_tokens: int = 64) -> 
     return PasskeyPrompt(ids, key, len(needle) + len(after) + len(question))
 
 
+def task_examples(
+    tokenizer,
+    count: int,
+    min_distance: int,
+    max_distance: int,
+    seed: int = 0,
+    max_prefix: int = 128,
+) -> list:
+    """Passkey examples to train on (``task: qa``): :class:`hmt.data.QAExample` objects.
+
+    Each context is filler, the key sentence, and filler up to a distance drawn uniformly from
+    ``[min_distance, max_distance]`` tokens before the end of the question (as in
+    :func:`make_prompt`), after 0..``max_prefix`` tokens of leading filler, so the key lands
+    anywhere inside a segment. Prompt: :data:`QUESTION`; answer: the 5-digit key. Render with
+    ``context_template="{context}", prompt_template="{prompt}", answer_template=" {answer}"``
+    to match the evaluation prompts.
+    """
+    from .data import QAExample
+
+    if not 0 < min_distance <= max_distance:
+        raise ValueError(f"Need 0 < min_distance <= max_distance, got {min_distance} and {max_distance}.")
+    rng = random.Random(seed)
+    length = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    filler, question = length(FILLER), length(" " + QUESTION)
+    examples = []
+    for i in range(count):
+        key = str(rng.randrange(10000, 100000))
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+        gap = max(0, rng.randint(min_distance, max_distance) - length(needle) - question)
+        before = FILLER * rng.randint(0, max_prefix // filler)
+        examples.append(QAExample(context=before + needle + FILLER * round(gap / filler), prompt=QUESTION,
+                                  answer=key, name=f"passkey-{seed}-{i}"))
+    return examples
+
+
+def write_task(path, examples) -> str:
+    """``examples`` as JSONL (context, prompt, answer, name), readable by :func:`hmt.data.load_qa_examples`."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for ex in examples:
+            f.write(json.dumps({"context": ex.context, "prompt": ex.prompt, "answer": ex.answer, "name": ex.name}) + "\n")
+    return str(path)
+
+
 def _answer(tokenizer, generated: torch.Tensor) -> str:
     return tokenizer.decode(generated, skip_special_tokens=True)
 
