@@ -231,9 +231,13 @@ def _replace_dir(staging: Path, target: Path) -> None:
     """
     if target.exists():
         for entry in target.iterdir():
-            if not (staging / entry.name).exists():
-                copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else shutil.copy2
-                copy(entry, staging / entry.name, **({"symlinks": True} if copy is shutil.copytree else {"follow_symlinks": False}))
+            dest = staging / entry.name
+            if dest.exists():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, dest)
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
@@ -241,6 +245,16 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def _link_or_copy(src, dst) -> None:
+    """A hard link (staging sits beside the target, on the same file system), else a copy."""
+    try:
+        if os.path.islink(src):
+            raise OSError("a symbolic link is copied as a link")
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _jsonable(value: Any) -> Any:

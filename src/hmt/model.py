@@ -315,9 +315,10 @@ class HMT(nn.Module):
             seg_ids = ids[:, s * L : (s + 1) * L]
             seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
             seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]] if targets is not None else None
-            mode = state if use_memory else (ids[:, max(0, s * L - self.config.sensory_memory_size) : s * L]
-                                             if sensory_only else None)
-            args = (mode, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
+            # What the segment reads besides its tokens: the memory, the sensory prefix ids, or nothing.
+            carried = state if use_memory else (ids[:, max(0, s * L - self.config.sensory_memory_size) : s * L]
+                                                if sensory_only else None)
+            args = (carried, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
             if checkpoint_segments and torch.is_grad_enabled():
                 # Recompute the segment in backward: activations of only one segment live at a time.
                 step = torch.utils.checkpoint.checkpoint(self._segment, *args, use_reentrant=False)
