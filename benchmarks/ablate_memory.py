@@ -1,0 +1,56 @@
+"""Where the shipped adapter's gain comes from, on the trainer's validation documents.
+
+    python benchmarks/ablate_memory.py [--json benchmarks/results/ablate_memory_cpu.json]
+
+Rows (perplexity, every token once, token-weighted):
+  hmt                    the adapter as shipped
+  constant_memory        its compression weights zeroed: every memory is the same learned
+                         token b, so the memory carries no content from earlier segments
+  adapter_lora_no_memory the adapter's LoRA'd backbone in the sensory-prefix setting, no
+                         memory token at all
+  baseline_sensory       the like-for-like baseline in the setting it was trained in
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import hmt
+from hmt import HMT
+from hmt.train import build_data, evaluate_documents, load_recipe
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/smollm2-gpu-lora.yaml", help="its last stage's validation documents")
+    parser.add_argument("--adapter", default=hmt.DEFAULT_ADAPTER)
+    parser.add_argument("--baseline", default="smollm2-135m-baseline")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    config = load_recipe(args.recipe)[-1][1]
+    backbone, tokenizer = hmt.load_backbone()
+    _, documents = build_data(config, tokenizer)
+    model = HMT.from_pretrained(backbone, args.adapter).eval()
+    rows = {"hmt": evaluate_documents(model, documents, True)["ppl"],
+            "adapter_lora_no_memory": evaluate_documents(model, documents, "sensory")["ppl"]}
+    if model.config.memory_compression != "embedding":
+        raise SystemExit("constant_memory needs an adapter with memory_compression='embedding'.")
+    with torch.no_grad():
+        model.memory_generator.compression.weight.zero_()
+    rows["constant_memory"] = evaluate_documents(model, documents, True)["ppl"]
+    baseline = HMT.from_pretrained(hmt.load_backbone()[0], args.baseline).eval()
+    rows["baseline_sensory"] = evaluate_documents(baseline, documents, "sensory")["ppl"]
+    record = {"rows": rows, "documents": len(documents), "tokens": sum(len(d) for d in documents) - len(documents),
+              "command": "python benchmarks/ablate_memory.py", "adapter": args.adapter, "baseline": args.baseline}
+    print(json.dumps(record, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
