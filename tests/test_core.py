@@ -74,6 +74,9 @@ def test_sensory_mode_equals_backbone_on_prefixed_segments(arch):
     assert model.memory_state is None  # the memory is neither read nor written
     with pytest.raises(ValueError, match="use_memory must be"):
         model(ids, use_memory="hmt")
+    with torch.no_grad():  # any truth value still switches the memory on (1, numpy's True)
+        on = model(ids, memory_state=model.new_memory(2)).logits
+        torch.testing.assert_close(model(ids, use_memory=1, memory_state=model.new_memory(2)).logits, on)
 
 
 def test_sensory_mode_gradient_reaches_the_prefix():

@@ -30,6 +30,17 @@ IGNORE_INDEX = -100
 _SCORE_CHUNK = 64  # positions per LM-head slice when scoring without returning logits
 
 
+def memory_mode(use_memory) -> tuple[bool, bool]:
+    """``(memory on, sensory prefix only)`` for ``HMT.forward(use_memory=...)``: a truth value
+    (memory on / the plain backbone on disjoint segments) or ``"sensory"`` (the plain backbone
+    on sensory-prefixed segments). Any other string is an error, not a truthy "on"."""
+    if isinstance(use_memory, str):
+        if use_memory != "sensory":
+            raise ValueError(f"use_memory must be True, False or 'sensory', got {use_memory!r}.")
+        return False, True
+    return bool(use_memory), False
+
+
 @dataclass
 class HMTOutput(ModelOutput):
     """What :meth:`HMT.forward` returns (indexable like a dict: ``out["logits"]``).
@@ -277,9 +288,7 @@ class HMT(nn.Module):
         Returns:
             :class:`HMTOutput`.
         """
-        if use_memory not in (True, False, "sensory"):
-            raise ValueError(f"use_memory must be True, False or 'sensory', got {use_memory!r}.")
-        sensory_only, use_memory = use_memory == "sensory", use_memory is True
+        use_memory, sensory_only = memory_mode(use_memory)
         ids, mask, labels, starts, lengths = self._check_inputs(input_ids, attention_mask, labels)
         if detach_every is not None and (not isinstance(detach_every, int) or detach_every < 1):
             raise ValueError(f"detach_every must be a positive integer or None, got {detach_every!r}.")
@@ -383,18 +392,18 @@ class HMT(nn.Module):
         parts = [(memory_token, ones), (self.embedding_layer(sensory_ids), sensory_lengths), (token_embeds, lengths)]
         return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
 
-    def _segment(self, state, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool) -> "_Step":
+    def _segment(self, carried, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool) -> "_Step":
         """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write.
 
-        ``state`` is the memory with ``use_memory``; else the ``(B, <=k)`` sensory prefix ids for the
-        sensory-prefix baseline (every row with tokens in this segment has a full previous one),
-        or None for disjoint segments.
+        ``carried`` is the memory state with ``use_memory``; else the ``(B, <=k)`` sensory prefix ids
+        for the sensory-prefix baseline (every row with tokens in this segment has a full previous
+        one), or None for disjoint segments.
         """
         step = _Step()
         if use_memory:
-            hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(state, seg_ids, seg_lens)
+            hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(carried, seg_ids, seg_lens)
         else:
-            hidden = self._plain_segment(seg_ids, seg_lens, state)
+            hidden = self._plain_segment(seg_ids, seg_lens, carried)
         if want_logits:
             step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
         if seg_targets is not None:

@@ -31,7 +31,7 @@ from torch import nn
 from . import backbone as bb
 from .checkpoint import _replace_dir, read_meta
 from .config import HMTConfig
-from .model import HMT
+from .model import HMT, memory_mode
 
 TRAINABLE = ("memory", "lora", "full")
 STATE_NAME = "training_state.pt"
@@ -104,7 +104,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.use_memory not in (True, False, "sensory"):
+        if not isinstance(self.use_memory, bool) and self.use_memory != "sensory":
             raise ValueError(f"TrainConfig.use_memory must be true, false or 'sensory', got {self.use_memory!r}.")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}.")
@@ -264,7 +264,7 @@ def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
         if name.startswith("backbone."):
             if config.trainable == "full" or (config.trainable == "lora" and "lora_" in name):
                 param.requires_grad_(True)
-        elif config.use_memory is True:
+        elif memory_mode(config.use_memory)[0]:
             retrieval_only = name.startswith("representation_encoder.") or name.startswith("memory_search.query") or name.startswith("memory_search.key")
             # Stage 1 (no retrieval) never uses T, W_q, W_k: leave them frozen (DDP needs every trained parameter used).
             param.requires_grad_(model.config.use_retrieval or not retrieval_only)
