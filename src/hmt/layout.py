@@ -33,6 +33,9 @@ def pack_rows(parts: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> Packed:
         parts: ``(tensor (B, n_p, d), lengths)`` where row b uses the first
             ``lengths[b] <= n_p`` vectors of the piece.
     """
+    # A piece whose rows all use the same number of vectors is cut to that width, so the
+    # common cases (no sensory memory yet, every row full) take the padding-free path.
+    parts = [(_cut_to_common_length(piece, lengths), list(lengths)) for piece, lengths in parts]
     first = parts[0][0]
     B, d, device = first.shape[0], first.shape[-1], first.device
     offsets, running = [], [0] * B
@@ -62,9 +65,18 @@ def pack_rows(parts: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> Packed:
     return Packed(embeds, mask, positions, offsets, running)
 
 
+def _cut_to_common_length(piece: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    if len(set(lengths)) == 1 and lengths[0] < piece.shape[1]:
+        return piece[:, : lengths[0]]
+    return piece
+
+
 def run_packed(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     """Final hidden states ``(B, T, d)`` of the backbone over a packed batch."""
-    return bb.final_hidden(backbone, packed.embeds, packed.attention_mask, packed.position_ids)
+    # Without padding the positions are the backbone's default 0..T-1. Passing them anyway
+    # would make transformers look for packed sequences in them, a host synchronisation per call.
+    positions = None if packed.attention_mask is None else packed.position_ids
+    return bb.final_hidden(backbone, packed.embeds, packed.attention_mask, positions)
 
 
 def gather_rows(hidden: torch.Tensor, starts: Sequence[int], width: int) -> torch.Tensor:

@@ -131,6 +131,10 @@ class MemoryState:
             cache_segments=F.pad(self.cache_segments, (extra, 0), value=-1),
         )
 
+    def trimmed(self) -> "MemoryState":
+        """The same memory without leading cache columns that are empty in every row."""
+        return self._trim()
+
     def _trim(self) -> "MemoryState":
         """Drop leading columns that are empty in every row."""
         used = self.cache_mask.any(dim=0)
@@ -145,8 +149,13 @@ class MemoryState:
         )
 
     # ------------------------------------------------------------------ updates
-    def push(self, memory: torch.Tensor, update: torch.Tensor, capacity: int) -> "MemoryState":
-        """Append ``memory (B, d)`` to the rows where ``update (B,)`` holds; FIFO at ``capacity``."""
+    def push(self, memory: torch.Tensor, update: torch.Tensor, capacity: int, trim: bool = True) -> "MemoryState":
+        """Append ``memory (B, d)`` to the rows where ``update (B,)`` holds; FIFO at ``capacity``.
+
+        ``trim=False`` keeps leading columns that no row uses (masked, so nothing reads them):
+        trimming asks the device which columns are used, a host synchronisation that a loop
+        over segments does once at its end instead (:meth:`trimmed`).
+        """
         B, _, d = self.cache.shape
         upd = update.view(B, 1)
         new = memory.unsqueeze(1).to(self.cache.dtype)
@@ -162,13 +171,14 @@ class MemoryState:
         )
         if cache.shape[1] > capacity:  # FIFO: the oldest column goes
             cache, mask, segs = cache[:, -capacity:], mask[:, -capacity:], segs[:, -capacity:]
-        return replace(
+        state = replace(
             self,
             cache=cache,
             cache_mask=mask,
             cache_segments=segs,
             segments_seen=self.segments_seen + update.long(),
-        )._trim()
+        )
+        return state._trim() if trim else state
 
     def with_sensory(self, token_ids: torch.Tensor, lengths: torch.Tensor, update: torch.Tensor) -> "MemoryState":
         """Keep the last k real tokens of ``token_ids (B, l)`` (``lengths`` real each) where ``update``."""
@@ -345,6 +355,8 @@ class RepresentationEncoder(nn.Module):
         take = [min(j, n) for n in lengths]
         packed = pack_rows([(prompt, [1] * B), (token_embeds[:, :j], take), (prompt, [1] * B)])
         hidden = run_packed(backbone, packed)
+        if len(set(take)) == 1:  # every row the same length: no index tensor to send to the device
+            return hidden[:, take[0] + 1]
         ends = torch.as_tensor([t + 1 for t in take], device=hidden.device)
         return hidden[torch.arange(B, device=hidden.device), ends]
 

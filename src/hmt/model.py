@@ -27,7 +27,11 @@ from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 
 IGNORE_INDEX = -100
-_SCORE_CHUNK = 64  # positions per LM-head slice when scoring without returning logits
+# Scoring without returning logits runs the LM head on slices of at most this many
+# (row, position, vocab) elements: 64 positions of a 49k vocabulary for one row on the CPU.
+_SCORE_ELEMENTS = 64 * 49152
+_SCORE_ELEMENTS_CUDA = 2**27
+_ENCODE_POSITIONS_CUDA = 65536  # positions per batched encoding pass on a GPU without autograd
 
 
 def memory_mode(use_memory) -> tuple[bool, bool]:
@@ -314,26 +318,38 @@ class HMT(nn.Module):
             lengths = [p + n for p, n in zip(prefix, lengths)]
             state = dataclasses.replace(state, pending_lengths=torch.zeros_like(state.pending_lengths))
 
-        L = self.config.segment_length
+        L, k = self.config.segment_length, self.config.sensory_memory_size
         targets = None
         if labels is not None:  # position t is scored against token t + 1
             targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], dim=1)
         num_segments = -(-max(lengths) // L)
+        checkpointing = checkpoint_segments and torch.is_grad_enabled()
+        # Everything the loop needs to know about lengths is known on the host here, once: the
+        # loop itself never waits on the device (no .item(), no tensors built from lists).
+        lengths_on_device = mask.sum(1)
+        sensory_lens = state.sensory_lengths.tolist() if use_memory else None
+        encodings = _SegmentEncodings(self, ids, lengths, state, checkpointing) if use_memory else None
         logits, weights, owners, memories, seg_nll, seg_count = [], [], [], [], [], []
         for s in range(num_segments):
             seg_ids = ids[:, s * L : (s + 1) * L]
             seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
             seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]] if targets is not None else None
             # What the segment reads besides its tokens: the memory, the sensory prefix ids, or nothing.
-            carried = state if use_memory else (ids[:, max(0, s * L - self.config.sensory_memory_size) : s * L]
-                                                if sensory_only else None)
+            if use_memory:
+                carried = _Carried(state, encodings.summary(s), sensory_lens,
+                                   (lengths_on_device - s * L).clamp(0, L))
+            elif sensory_only:
+                carried = ids[:, max(0, s * L - k) : s * L]
+            else:
+                carried = None
             args = (carried, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
-            if checkpoint_segments and torch.is_grad_enabled():
+            if checkpointing:
                 # Recompute the segment in backward: activations of only one segment live at a time.
                 step = torch.utils.checkpoint.checkpoint(self._segment, *args, use_reentrant=False)
             else:
                 step = self._segment(*args)
             if use_memory:
+                sensory_lens = [min(n, k) if n > 0 else old for n, old in zip(seg_lens, sensory_lens)]
                 state = step.state
                 memories.append(step.memory)
                 weights.append(step.weights)
@@ -346,8 +362,10 @@ class HMT(nn.Module):
             if return_logits:
                 logits.append(step.logits)
 
-        if use_memory and not explicit:
-            self._state = state
+        if use_memory:
+            state = state.trimmed()
+            if not explicit:
+                self._state = state
         # Every field goes in at construction: transformers 4.x ModelOutput only indexes
         # (out["logits"]) the fields it was built with.
         fields = {"memory_state": state if use_memory else memory_state}
@@ -371,11 +389,14 @@ class HMT(nn.Module):
 
     # ------------------------------------------------------------------ one segment
     def read_memory(
-        self, state: MemoryState, token_embeds: torch.Tensor, lengths: list[int]
+        self, state: MemoryState, token_embeds: torch.Tensor, lengths: list[int], summary: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """P_n ``(B, d)`` and the search weights ``(B, C)`` for a segment whose embeddings are ``token_embeds``."""
-        summary = None
-        if self.config.use_retrieval and state.cache.shape[1] > 0:
+        """P_n ``(B, d)`` and the search weights ``(B, C)`` for a segment whose embeddings are ``token_embeds``.
+
+        ``summary``: S_n ``(B, d)`` when already computed (the forward pass encodes several
+        segments in one batched call); None: encode the segment here when the search needs it.
+        """
+        if summary is None and self.config.use_retrieval and state.cache.shape[1] > 0:
             summary = self.representation_encoder(self.backbone, token_embeds, lengths)
         return self.memory_search(summary, state.cache, state.cache_mask)
 
@@ -401,40 +422,69 @@ class HMT(nn.Module):
         """
         step = _Step()
         if use_memory:
-            hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(carried, seg_ids, seg_lens)
+            hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(
+                carried.state, seg_ids, seg_lens, carried.summary, carried.sensory_lengths, carried.lengths, trim=False)
         else:
             hidden = self._plain_segment(seg_ids, seg_lens, carried)
         if want_logits:
             step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
         if seg_targets is not None:
-            # Without logits to return, score in slices of positions: the (l, vocab) float
-            # logits of a whole segment need not exist at once.
-            width = hidden.shape[1] if want_logits else _SCORE_CHUNK
-            nll = []
-            for start in range(0, hidden.shape[1], width):
-                logits = step.logits[:, start : start + width] if want_logits else bb.lm_logits(
-                    self.backbone, hidden[:, start : start + width])
-                targets = seg_targets[:, start : start + width]
-                nll.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                           reduction="none").view_as(targets).sum(1))
-            step.nll, step.count = torch.stack(nll).sum(0), (seg_targets != IGNORE_INDEX).sum(1)
+            if want_logits:
+                step.nll = _token_nll(step.logits, seg_targets).sum(1)
+            else:
+                step.nll = self._chunked_nll(hidden, seg_targets)
+            step.count = (seg_targets != IGNORE_INDEX).sum(1)
         return step
 
-    def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int]):
+    def _chunked_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed NLL ``(B,)`` of ``hidden (B, l, d)`` against ``targets (B, l)``, never holding
+        the ``(B, l, vocab)`` float logits at once: the LM head and the loss run on slices of
+        positions, and with autograd on each slice is recomputed in backward instead of keeping
+        its logits (so training memory does not grow with vocab x tokens)."""
+        B, width = targets.shape
+        budget = _SCORE_ELEMENTS_CUDA if hidden.is_cuda else _SCORE_ELEMENTS
+        chunk = max(1, min(width, budget // (B * bb.vocab_size(self.backbone))))
+        recompute = torch.is_grad_enabled() and hidden.requires_grad
+        total = None
+        for start in range(0, width, chunk):
+            args = (hidden[:, start : start + chunk], targets[:, start : start + chunk])
+            if recompute:
+                part = torch.utils.checkpoint.checkpoint(self._slice_nll, *args, use_reentrant=False)
+            else:
+                part = self._slice_nll(*args)
+            total = part if total is None else total + part
+        return total
+
+    def _slice_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _token_nll(bb.lm_logits(self.backbone, hidden), targets).sum(1)
+
+    def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int],
+                        summary: Optional[torch.Tensor] = None, sensory_lengths: Optional[list[int]] = None,
+                        lengths: Optional[torch.Tensor] = None, trim: bool = True):
+        """Steps 1-5 of the spec for one segment: ``seg_ids (B, l)`` with ``seg_lens`` real tokens per row.
+
+        Optional host/device copies of what the state already knows (``summary`` S_n,
+        ``sensory_lengths`` as a list, ``lengths`` = ``seg_lens`` as a device tensor) spare the
+        device round trips a loop over segments should not wait on; ``trim=False`` leaves the
+        cache untrimmed (see :meth:`MemoryState.push`).
+        """
         width = seg_ids.shape[1]
         token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
-        recalled, weights = self.read_memory(state, token_embeds, seg_lens)
+        recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
         owner = state.cache_segments
+        if sensory_lengths is None:
+            sensory_lengths = state.sensory_lengths.tolist()
         # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
         # one (right after each row's last real token) is where m_n is written.
-        packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, state.sensory_lengths.tolist(),
-                                       token_embeds, seg_lens)
+        packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, sensory_lengths, token_embeds, seg_lens)
         hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
         segment_hidden = gather_rows(hidden, packed.offsets[2], width)  # (B, l, d)
         memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
-        active = torch.as_tensor([n > 0 for n in seg_lens], device=seg_ids.device)
-        lens = torch.as_tensor(seg_lens, device=seg_ids.device)
-        state = state.push(memory, active, self.config.num_memory_embeddings).with_sensory(seg_ids, lens, active)
+        if lengths is None:
+            lengths = torch.as_tensor(seg_lens, device=seg_ids.device)
+        active = lengths > 0
+        state = state.push(memory, active, self.config.num_memory_embeddings, trim=trim)
+        state = state.with_sensory(seg_ids, lengths, active)
         return segment_hidden, state, memory, weights, owner
 
     def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int], prefix_ids=None) -> torch.Tensor:
@@ -533,6 +583,74 @@ class HMT(nn.Module):
             index = (torch.arange(T, device=logits.device).view(1, T) - starts.view(B, 1)) % T
             logits = logits.gather(1, index.unsqueeze(-1).expand(B, T, V))
         return logits
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(B, l)`` next-token NLL of ``logits (B, l, V)`` (in float32) against ``targets (B, l)``; 0 where ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(targets)
+
+
+@dataclass
+class _Carried:
+    """What a memory segment reads besides its tokens: the state, and what the loop already knows of it."""
+
+    state: MemoryState
+    summary: Optional[torch.Tensor]  # S_n (B, d) from a batched encoding pass, or None
+    sensory_lengths: list[int]  # state.sensory_lengths, on the host
+    lengths: torch.Tensor  # (B,) real tokens of each row in this segment, on the device
+
+
+class _SegmentEncodings:
+    """The representation encodings S_n of a call's segments, computed ahead in batched passes.
+
+    S_n depends only on segment n's first j tokens and T, never on the memory, so the encoding
+    passes of several segments run as one backbone call (segments stacked along the batch)
+    before the recurrence needs them: half as many sequential backbone calls. How many
+    segments go in one call: all of them when autograd keeps every segment's activations
+    anyway; otherwise as many as fit in the positions of one augmented pass (on a GPU, up to
+    ``_ENCODE_POSITIONS_CUDA``), so that reading a long document stays flat in memory.
+    """
+
+    def __init__(self, model: "HMT", ids: torch.Tensor, lengths: list[int], state: MemoryState, checkpointing: bool):
+        config = model.config
+        self.model, self.ids, self.lengths, self.checkpointing = model, ids, lengths, checkpointing
+        self.L, self.j = config.segment_length, config.representation_length
+        self.num_segments = -(-max(lengths) // self.L)
+        # The first segment of a stream searches nothing (empty cache): no encoding needed.
+        self.first = 0 if state.cache.shape[1] > 0 else 1
+        self.enabled = config.use_retrieval
+        B = ids.shape[0]
+        if torch.is_grad_enabled() and not checkpointing:
+            self.group = self.num_segments
+        else:
+            positions = _ENCODE_POSITIONS_CUDA if ids.is_cuda else B * config.augmented_length
+            self.group = max(1, positions // (B * (self.j + 2)))
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def summary(self, s: int) -> Optional[torch.Tensor]:
+        if not self.enabled or s < self.first:
+            return None
+        if s not in self.cache:
+            self.cache = self._encode(range(s, min(s + self.group, self.num_segments)))
+        return self.cache.pop(s)
+
+    def _encode(self, segments: range) -> dict[int, torch.Tensor]:
+        L, j, B = self.L, self.j, self.ids.shape[0]
+        heads = [self.ids[:, s * L : s * L + j] for s in segments]
+        width = max(h.shape[1] for h in heads)
+        stacked = torch.cat([F.pad(h, (0, width - h.shape[1])) for h in heads])  # (G*B, <=j), segment-major
+        takes = [min(max(n - s * L, 0), j) for s in segments for n in self.lengths]
+        model = self.model
+
+        def encode(token_ids):
+            return model.representation_encoder(model.backbone, model.embedding_layer(token_ids), takes)
+
+        if self.checkpointing:
+            summaries = torch.utils.checkpoint.checkpoint(encode, stacked, use_reentrant=False)
+        else:
+            summaries = encode(stacked)
+        return {s: part for s, part in zip(segments, summaries.split(B))}
 
 
 class MemoryCacheView:

@@ -433,7 +433,9 @@ def train(
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process), desc="train")
     step = start_step
-    tokens_seen, started = 0, time.perf_counter()
+    tokens_seen, started = torch.zeros((), dtype=torch.long, device=accelerator.device), time.perf_counter()
+    pending = []  # steps whose figures are still on the device: read back together at the next log
+    cuda = accelerator.device.type == "cuda"
     previous_term = _stop_on_sigterm()
     try:
         while step < config.steps:
@@ -445,7 +447,11 @@ def train(
             for micro in range(config.grad_accum):
                 base = micro * config.batch_size * world + rank * config.batch_size
                 items = [train_data[i] for i in order[base : base + config.batch_size]]
-                batch = {k: v.to(accelerator.device) for k, v in pad_collate(items, pad_id).items()}
+                batch = pad_collate(items, pad_id)
+                if cuda:  # page-locked, so the copy does not make the host wait for the GPU
+                    batch = {k: v.pin_memory().to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                else:
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     out = wrapped(
                         batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -460,22 +466,27 @@ def train(
                 else:
                     accelerator.backward(loss)
                 losses.append(out.loss.detach())
-                tokens_seen += int(out.num_tokens.sum()) * world
+                tokens_seen += out.num_tokens.sum() * world
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
-            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_seen / (time.perf_counter() - started)}
-            if eval_data and (step % config.eval_every == 0 or step == config.steps):
+            # Loss, norm and token count stay on the device until a step that logs: reading
+            # them back every step would make the host wait for the GPU each time.
+            pending.append((step, accelerator.reduce(torch.stack(losses).mean(), "mean"), grad_norm,
+                            scheduler.get_last_lr()[0]))
+            evaluating = bool(eval_data) and (step % config.eval_every == 0 or step == config.steps)
+            logging = step % config.log_every == 0 or evaluating or step == config.steps
+            bar.update(1)
+            if not logging and step % config.save_every != 0:
+                continue
+            record = _read_back(pending, history, tokens_seen, started)
+            if evaluating:
                 eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator)
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
-            history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
-            if accelerator.is_main_process and (step % config.log_every == 0 or "val_ppl" in record or step == config.steps):
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
+            if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if writer is not None:
@@ -488,6 +499,7 @@ def train(
         interrupted = True
         accelerator.print(f"\n[hmt] interrupted at step {step}: saving a checkpoint to resume from")
     finally:
+        _read_back(pending, history, tokens_seen, started)
         bar.close()
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
@@ -502,6 +514,22 @@ def train(
     if writer is not None:
         writer.close()
     return TrainResult(steps=step, final_dir=str(final_dir), history=history, eval=eval_result)
+
+
+def _read_back(pending: list, history: list, tokens_seen: torch.Tensor, started: float) -> Optional[dict]:
+    """Move the steps in ``pending`` (step, loss, grad norm, lr; tensors on the device) into
+    ``history`` as numbers, with one read from the device; the last record also gets the
+    throughput so far. Returns that record (None when nothing was pending)."""
+    if not pending:
+        return None
+    values = torch.stack([torch.stack([loss.float(), torch.as_tensor(norm, device=loss.device).float()])
+                          for _, loss, norm, _ in pending]).tolist()
+    elapsed, seen = time.perf_counter() - started, int(tokens_seen)
+    for (done, _, _, lr), (loss, norm) in zip(pending, values):
+        history.append({"step": done, "loss": loss, "lr": lr, "grad_norm": norm})
+    pending.clear()
+    history[-1].update(tokens_per_s=seen / elapsed, elapsed_s=elapsed)
+    return history[-1]
 
 
 def _stop_on_sigterm():
