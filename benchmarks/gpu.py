@@ -7,7 +7,8 @@ training, fused AdamW (on CUDA). For each number of windows per step:
 
   train  one optimizer step on B windows.
          HMT:   model(ids, labels=ids, memory_state=new, return_logits=False).loss.backward()
-                (full BPTT through the S segments; --checkpoint-segments to recompute them)
+                (full BPTT through the S segments; --checkpoint-segments to recompute them,
+                which the run also falls back to where full BPTT runs out of memory)
          plain: the backbone on the same B x S disjoint L-token segments in one batched call,
                 backbone(input_ids=(B*S, L)).logits and the same float32 cross-entropy
   read   the same scoring without autograd (torch.inference_mode): HMT with
@@ -144,13 +145,24 @@ def run_pair(args, device, B: int, train: bool) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         return fn
 
+    checkpointing = [args.checkpoint_segments]
     variants = {
         "plain": wrap(lambda: plain_step(backbone, ids.view(B * S, L), train)),
-        "hmt": wrap(lambda: hmt_step(model, ids, train, args.checkpoint_segments)),
+        "hmt": wrap(lambda: hmt_step(model, ids, train, checkpointing[0])),
     }
     for name, fn in variants.items():
         try:
-            seconds, peak = measure(fn, device, args.warmup, args.repeats)
+            try:
+                seconds, peak = measure(fn, device, args.warmup, args.repeats)
+            except torch.OutOfMemoryError:
+                if name != "hmt" or not train or checkpointing[0]:
+                    raise
+                # Full BPTT through S segments does not fit: recompute each segment in backward.
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                checkpointing[0] = True
+                seconds, peak = measure(fn, device, args.warmup, args.repeats)
+            row["hmt_checkpoint_segments"] = checkpointing[0]
             row[f"{name}_tokens_per_s"] = B * S * L / seconds
             row[f"{name}_seconds"] = seconds
             row[f"{name}_peak_bytes"] = peak
