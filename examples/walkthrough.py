@@ -333,7 +333,7 @@ def part4_augmented_input(config: HMTConfig, out: Path) -> None:
     print(f"  ───────────────────────────────────────────────")
     print(f"  Total augmented length: {total_augmented} tokens")
     print(f"\n  The backbone processes this augmented input to generate outputs.")
-    # The figure above is the walkthrough's; the implementation (HMT_SPEC.md) also puts
+    # The figure above is the walkthrough's; the implementation (docs/algorithm.md) also puts
     # P_n in front of the segment, since under causal attention a memory token placed
     # only after the segment could not influence its predictions.
     print(

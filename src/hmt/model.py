@@ -1,6 +1,6 @@
 """HMT: a three-level memory (sensory, short-term, long-term) around any causal LM.
 
-One segment n, as in ``HMT_SPEC.md`` (L new tokens H_n with embeddings E_n):
+One segment n, as in ``docs/algorithm.md`` (L new tokens H_n with embeddings E_n):
 
 1. S_n = backbone([T | E_n[0:j) | T]) at the trailing T       (representation encoding)
 2. P_n = softmax(S_n W_q (M W_k)^T / sqrt(d_h)) M              (memory search over the cache M)
