@@ -188,3 +188,30 @@ def test_reloaded_memory_reports_its_open_segment(backbone_dir, capsys, tmp_path
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "tokens in the open segment" in err and "0 tokens in the open segment" not in err
+
+
+def test_default_backbone_uses_the_shipped_adapter(backbone_dir, capsys, monkeypatch):
+    from hmt import HMT, HMTConfig
+    from hmt.backbone import load_backbone
+
+    loaded = []
+    monkeypatch.setattr("hmt.backbone.load_backbone", lambda name=None, **kw: load_backbone(backbone_dir))
+
+    def from_pretrained(backbone, directory, **kwargs):
+        loaded.append(directory)
+        return HMT(backbone, HMTConfig(segment_length=8, sensory_memory_size=2))
+
+    monkeypatch.setattr(HMT, "from_pretrained", staticmethod(from_pretrained))
+    assert main(["generate", "--prompt", "w3 w4", "--max-new-tokens", "1"]) == 0
+    assert loaded == ["smollm2-135m"] and "shipped adapter smollm2-135m" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "w3 w4", "--max-new-tokens", "1", "--checkpoint", "none", *SMALL]) == 0
+    assert main(["generate", "--prompt", "w3 w4", "--max-new-tokens", "1", "--segment-length", "8"]) == 0
+    assert loaded == ["smollm2-135m"]  # an untrained HMT both times
+    assert "shipped adapter" not in capsys.readouterr().err
+
+
+def test_parser_errors_are_one_line(capsys):
+    assert main(["eval", "--bogus"]) == 2
+    assert main(["generate", "--max-new-tokens", "abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--bogus" in err[0] and "--max-new-tokens" in err[1]

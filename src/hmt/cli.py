@@ -384,8 +384,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hmt", description="Hierarchical Memory Transformer tools.")
-    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
+    parser = _Parser(prog="hmt", description="Hierarchical Memory Transformer tools.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="Train HMT from a YAML recipe (runs under `accelerate launch` too).")
     train.add_argument("--config", help="YAML recipe (see recipes/).")
@@ -458,7 +457,7 @@ def main(argv=None) -> int:
         print(f"\n{verb}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ValueError, OSError, ImportError) as err:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         hint = "" if isinstance(err, UsageError) else " (--debug shows the traceback)"
         print(f"{verb}: error: {_one_line(err)}{hint}", file=sys.stderr)
