@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -187,7 +189,10 @@ def test_reloaded_memory_reports_its_open_segment(backbone_dir, capsys, tmp_path
     assert main(args) == 0
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "tokens in the open segment" in err and "0 tokens in the open segment" not in err
+    assert "tokens in the open segment" in err and " 0 tokens in the open segment" not in err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(memory).st_mode) == 0o666 & ~umask
 
 
 def test_default_backbone_uses_the_shipped_adapter(backbone_dir, capsys, monkeypatch):

@@ -201,6 +201,9 @@ def _generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
 def _save_memory(model, args) -> None:
     if args.memory_file and model.memory_state is not None:
         model.memory_state.save(args.memory_file)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(args.memory_file, 0o666 & ~umask)  # safetensors writes 0600; a memory file is an ordinary file
         print(f"[hmt] memory saved to {args.memory_file}", file=sys.stderr)
 
 
