@@ -90,6 +90,11 @@ def test_mismatched_and_corrupt_checkpoints(tmp_path):
         HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt", memory_compression=True)
     weights = tmp_path / "ckpt" / "hmt_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="is corrupt: its SHA-256 differs"):  # a truncated file
+        HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "hmt_meta.json").read_text())
+    del meta["weights_sha256"]  # a checkpoint without a checksum: safetensors' own check
+    (tmp_path / "ckpt" / "hmt_meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="missing or corrupt"):
         HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
 

@@ -96,13 +96,81 @@ def cache_argument(stack: nn.Module) -> str:
 
 
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The backbone's LM head on ``hidden (..., d)`` -> ``(..., vocab)``."""
+    """The backbone's logits on ``hidden (..., d)`` -> ``(..., vocab)``: its LM head, then what its
+    ``*ForCausalLM.forward`` does to the head's output (Granite divides by ``logits_scaling``,
+    Cohere multiplies by ``logit_scale``, Gemma-2 soft-caps). :func:`check_decomposition` verifies
+    at HMT's construction that this reproduces the backbone's own logits."""
     inner = unwrap(model)
     logits = inner.get_output_embeddings()(hidden)
-    cap = getattr(text_config(inner), "final_logit_softcapping", None)
+    config = text_config(inner)
+    kind = str(getattr(config, "model_type", ""))
+    if kind.startswith("granite") and getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling  # GraniteForCausalLM: logits / config.logits_scaling
+    elif kind == "hyperclovax" and getattr(config, "logits_scaling", None):
+        logits = logits * config.logits_scaling
+    elif kind.startswith("cohere"):
+        scale = getattr(inner, "logit_scale", getattr(config, "logit_scale", None))
+        if scale is not None:  # CohereForCausalLM: logits * self.logit_scale
+            logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:  # Gemma-2 style soft-capping lives in the CausalLM forward, not in the head
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
+    """Refuse a backbone whose logits HMT cannot reproduce from its parts.
+
+    HMT runs the decoder stack on ``inputs_embeds`` (with ``position_ids`` and a 2-D mask) and
+    applies :func:`lm_logits` to the final hidden state. On a short probe (a few tokens, no
+    gradient, eval mode, the model's mode restored afterwards) that must give the logits the
+    backbone's own forward gives; otherwise HMT's outputs would be silently wrong.
+    """
+    inner = unwrap(model)
+    name = type(inner).__name__
+    kind = getattr(text_config(inner), "model_type", name)
+    try:
+        weight = inner.get_input_embeddings().weight
+    except Exception as err:  # noqa: BLE001 - any failure means the public API is missing
+        raise ValueError(f"HMT cannot use {name} ({kind}): it has no input-embedding layer ({err}).") from err
+    if weight.device.type == "meta":
+        return  # weights not materialised yet: nothing to compare
+    vocab = int(weight.shape[0])
+    ids = (torch.arange(probe_length, device=weight.device) * 7 + 3) % vocab
+    ids = ids[None]
+    positions = torch.arange(probe_length, device=weight.device)[None]
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            embeds = inner.get_input_embeddings()(ids)
+            actual = lm_logits(model, final_hidden(model, embeds, mask, positions))
+    except Exception as err:  # noqa: BLE001 - the decomposition itself fails
+        raise ValueError(
+            f"HMT cannot use {name} (model_type {kind!r}): running its decoder stack on inputs_embeds "
+            f"with position_ids and a 2-D attention mask failed ({type(err).__name__}: {err}). HMT needs a "
+            "decoder-only *ForCausalLM that accepts inputs_embeds."
+        ) from err
+    finally:
+        model.train(was_training)
+    expected, actual = expected.float(), actual.float()
+    if not bool(torch.isfinite(expected).all()):
+        raise ValueError(
+            f"The backbone {name} (model_type {kind!r}) gives non-finite logits (NaN or inf) on a "
+            f"{probe_length}-token probe: its weights are broken. Reload them."
+        )
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    scale = 1.0 + float(expected.abs().max())
+    diff = float((expected - actual).abs().max()) if expected.shape == actual.shape else float("inf")
+    if not diff <= tol * scale:
+        raise ValueError(
+            f"HMT cannot use {name} (model_type {kind!r}): its logits are not the LM head applied to the "
+            f"decoder stack's last hidden state (max difference {diff:.3g} on a {probe_length}-token probe; "
+            f"shapes {tuple(expected.shape)} vs {tuple(actual.shape)}). Its *ForCausalLM.forward does "
+            "something more that hmt.backbone.lm_logits does not know; HMT's logits would be wrong."
+        )
 
 
 # --------------------------------------------------------------------------- loading

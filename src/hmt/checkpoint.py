@@ -46,6 +46,50 @@ def backbone_signature(backbone: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def embedding_checksum(backbone: torch.nn.Module) -> dict[str, Any]:
+    """A tight fingerprint of the backbone's weights: the SHA-256 of the first 64 rows of its input
+    embeddings (exact, in their dtype) and those rows' sums (to recognise the same weights in
+    another dtype)."""
+    import hashlib
+
+    table = bb.unwrap(backbone).get_input_embeddings().weight.detach()[:64].cpu().contiguous()
+    digest = hashlib.sha256(table.view(torch.uint8).numpy().tobytes() if table.numel() else b"").hexdigest()
+    return {"sha256": digest, "dtype": str(table.dtype).replace("torch.", ""),
+            "row_sums": [round(float(x), 6) for x in table.double().sum(-1)]}
+
+
+def _check_same_weights(directory: Path, meta: dict, backbone: torch.nn.Module) -> None:
+    saved = meta.get("embedding_checksum")
+    if not saved:
+        return
+    now = embedding_checksum(backbone)
+    if now["sha256"] == saved["sha256"]:
+        return
+    if now["dtype"] != saved["dtype"] and len(now["row_sums"]) == len(saved["row_sums"]):
+        a, b = torch.tensor(saved["row_sums"]), torch.tensor(now["row_sums"])
+        width = bb.embedding_dim(backbone)
+        if bool(((a - b).abs() <= 2e-2 * (a.abs() + width ** 0.5 * 1e-2) + 1e-3).all()):
+            import warnings
+
+            warnings.warn(f"{directory} was saved with the backbone in {saved['dtype']}; this one is in "
+                          f"{now['dtype']} (the same weights otherwise): results may differ slightly.", stacklevel=3)
+            return
+    raise ValueError(
+        f"{directory} was trained on a backbone with the same architecture but other weights (embedding checksum "
+        "differs). Load it into the backbone it was trained on."
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def embedding_fingerprint(backbone: torch.nn.Module) -> float:
     """A cheap checksum of the input embeddings, to tell two sets of weights apart."""
     table = bb.unwrap(backbone).get_input_embeddings().weight.detach()
@@ -86,22 +130,52 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         tensors.update({f"backbone.{k}": v for k, v in bb.unwrap(model.backbone).state_dict().items()})
     else:
         meta["embedding_fingerprint"] = embedding_fingerprint(model.backbone)
+    if kind in ("none", "lora"):  # the base weights are not saved: they must be the same at load
+        meta["embedding_checksum"] = embedding_checksum(model.backbone)
+    meta["config"] = model.config.to_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if dtype is not None:  # e.g. bfloat16 to ship a small adapter; loading casts back
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _dedupe_shared(tensors)
 
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    target = _check_target(directory)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except PermissionError:
+        raise PermissionError(f"Cannot write {directory}: permission denied in {target.parent}. Save it elsewhere.") from None
     try:
         model.config.save(staging)
-        (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "hmt", "version": str(FORMAT_VERSION)})
-        os.chmod(staging, 0o755)
+        meta["weights_sha256"] = _file_sha256(staging / WEIGHTS_NAME)
+        (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging / WEIGHTS_NAME, 0o666 & ~umask)  # like the JSON beside it (safetensors writes 0600)
+        os.chmod(staging, 0o777 & ~umask)
         _replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _check_target(directory: str | os.PathLike) -> Path:
+    """The folder save_pretrained writes: not the current folder or one above it, not read-only."""
+    target = Path(directory)
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or not target.name or target.name in (".", ".."):
+        raise ValueError(
+            f"save_pretrained({str(directory)!r}) would replace the current folder or one above it; "
+            "give a new or checkpoint folder inside it, e.g. 'checkpoint'."
+        )
+    if target.exists():
+        if not target.is_dir():
+            raise ValueError(f"{directory} is a file; save_pretrained writes a folder. Give a folder name.")
+        if not (target.stat().st_mode & 0o200) or not os.access(target, os.W_OK):
+            raise PermissionError(
+                f"Cannot write {directory}: the folder is read-only. Make it writable (chmod u+w) or save elsewhere."
+            )
     return target
 
 
@@ -111,9 +185,17 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
 
     directory = resolve(directory)
     config = HMTConfig.load(directory)
+    meta = read_meta(directory)
+    saved = meta.get("config")
+    if saved is not None and saved != config.to_dict():
+        changed = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+        raise ValueError(
+            f"{directory / CONFIG_NAME} differs from the configuration the weights were trained with (fields "
+            f"{changed}: trained {[saved.get(k) for k in changed]}, file {[config.to_dict().get(k) for k in changed]}). "
+            f"Restore the file; pass a different value as an argument (from_pretrained(..., {changed[0]}=...)) to try one."
+        )
     if config_overrides:
         config = HMTConfig.from_dict({**config.to_dict(), **config_overrides})
-    meta = read_meta(directory)
     expected, actual = meta.get("backbone", {}), backbone_signature(backbone)
     mismatched = {k: (expected.get(k), actual[k]) for k in actual if expected.get(k) != actual[k]}
     if mismatched:
@@ -126,10 +208,19 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
                 f"{directory} was trained on a backbone with the same architecture but other weights "
                 "(embedding checksum differs). Load it into the backbone it was trained on."
             )
+    _check_same_weights(directory, meta, backbone)
+    weights = directory / WEIGHTS_NAME
+    if meta.get("weights_sha256") and weights.is_file() and _file_sha256(weights) != meta["weights_sha256"]:
+        raise ValueError(f"{weights} is corrupt: its SHA-256 differs from the one recorded in {META_NAME} when it was "
+                         "saved. Restore the checkpoint from a good copy.")
     try:
-        tensors = load_file(str(directory / WEIGHTS_NAME))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{directory / WEIGHTS_NAME} is missing or corrupt ({err}).") from err
+        raise ValueError(f"{weights} is missing or corrupt ({err}).") from err
+    broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:
+        raise ValueError(f"{weights} holds NaN or infinite values in {broken[:5]}: the training that wrote it diverged. "
+                         "Use an earlier checkpoint or retrain with a lower learning rate.")
 
     if kind == "lora":
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -238,8 +329,8 @@ def _replace_dir(staging: Path, target: Path) -> None:
                 shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)
             else:
                 _link_or_copy(entry, dest)
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))  # never a user's folder
+        os.rmdir(old)
         os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)

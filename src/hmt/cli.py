@@ -3,9 +3,125 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 DEFAULT_PROTOCOLS_TEXT = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
+PROTOCOLS = ("disjoint", "sensory", "sliding-W", "sliding-max", "recurrence", "hmt", "hmt-causal")
+DEFAULT_ADAPTER = "smollm2-135m"
+NAMED_CORPORA = ("kjv", "python-docs", "python-stdlib")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _readable_file(text: str) -> str:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable (permission denied)")
+    return text
+
+
+def _check_device(spec) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if spec is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {spec}: not a device name ({err}); use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {spec}: this machine has no CUDA GPU usable by torch; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {spec}: this machine has {count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1}).")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {spec}: MPS is not available on this machine; use --device cpu.")
+
+
+def _check_memory_file(path) -> None:
+    """A memory file must be loadable (if it exists) and writable where it is to be saved."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--memory-file {path} is a directory; give a file name such as {target / 'memory.safetensors'}.")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"--memory-file {path}: the folder {folder} does not exist; create it first (mkdir -p {folder}).")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--memory-file {path}: cannot write there (permission denied); choose another path.")
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; give a folder name (results.json and segment_ppl.png go in it).")
+    if (out / "results.json").exists() and not overwrite:
+        raise UsageError(f"{out / 'results.json'} exists from an earlier run; pass --out NEW_FOLDER, or --overwrite to replace it.")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write in {probe} (permission denied); choose another folder.")
+
+
+def _check_protocols(text: str) -> list[str]:
+    protocols = [p.strip() for p in text.split(",") if p.strip()]
+    if not protocols:
+        raise UsageError("--protocols is empty; known: " + ", ".join(PROTOCOLS) + ".")
+    for p in protocols:
+        if p in PROTOCOLS:
+            continue
+        if p.startswith("sliding-"):
+            value = p.split("-", 1)[1]
+            if value == "max" or (value.isdigit() and int(value) > 0):
+                continue
+        raise UsageError(f"--protocols: unknown protocol {p!r}; known: " + ", ".join(PROTOCOLS)
+                         + " (sliding-W with W a number of tokens, e.g. sliding-2048).")
+    return protocols
+
+
+def _quiet() -> None:
+    """Silence transformers' per-load progress bar and deprecation chatter in the CLI."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -15,8 +131,7 @@ def _train(args: argparse.Namespace) -> int:
         print(fields_help())
         return 0
     if not args.config:
-        print("hmt train: --config recipe.yaml is required (see recipes/)", file=sys.stderr)
-        return 2
+        raise UsageError("--config recipe.yaml is required (see recipes/, or --help-fields for every field).")
     results = run_recipe(args.config, stages=args.stage, overrides=args.set, resume=not args.no_resume)
     for result in results:
         summary = f"steps={result.steps}"
@@ -30,25 +145,49 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace):
     """Backbone + HMT (from a checkpoint when given) + tokenizer, and the memory file's state."""
-    from pathlib import Path
+    import torch
 
-    from .backbone import load_backbone
+    from .backbone import _DEFAULT_ALIASES, load_backbone
     from .config import HMTConfig
     from .memory import MemoryState
     from .model import HMT
 
+    checkpoint = args.checkpoint
+    default_backbone = (args.backbone.lower() if isinstance(args.backbone, str) else args.backbone) in _DEFAULT_ALIASES
+    if checkpoint is None and default_backbone and args.segment_length is None:
+        checkpoint = DEFAULT_ADAPTER
+        print(f"[hmt] using the shipped adapter {DEFAULT_ADAPTER} on the default backbone "
+              "(--checkpoint none for an untrained HMT)", file=sys.stderr)
+    if isinstance(checkpoint, str) and checkpoint.lower() == "none":
+        checkpoint = None
     backbone, tokenizer = load_backbone(args.backbone, device=_device(args))
-    if args.checkpoint:
-        model = HMT.from_pretrained(backbone, args.checkpoint)
+    if checkpoint:
+        model = HMT.from_pretrained(backbone, checkpoint)
     else:
-        model = HMT(backbone, HMTConfig(segment_length=args.segment_length, sensory_memory_size=min(32, args.segment_length)))
+        length = args.segment_length or 256
+        model = HMT(backbone, HMTConfig(segment_length=length, sensory_memory_size=min(32, length)))
     model.eval()
     if args.memory_file and Path(args.memory_file).exists():
-        model.memory_state = MemoryState.load(args.memory_file)
+        state = MemoryState.load(args.memory_file)
+        bad = [name for name, t in state.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise UsageError(f"--memory-file {args.memory_file} holds NaN or infinite values ({', '.join(bad)}); "
+                             "it is corrupt: delete it or give another file.")
+        try:
+            model.memory_state = state
+        except ValueError as err:
+            raise UsageError(f"--memory-file {args.memory_file} was written by another HMT configuration ({err}) "
+                             "Use the checkpoint and --segment-length it was made with, or another file.") from None
         stats = model.get_memory_stats()
         print(f"[hmt] memory from {args.memory_file}: {stats['segments_processed']} segments read, "
-              f"{stats['cache_size']} memories", file=sys.stderr)
+              f"{stats['cache_size']} memories, {stats['pending_tokens']} tokens in the open segment", file=sys.stderr)
     return model, tokenizer
+
+
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before a model is loaded (generate, chat)."""
+    _check_device(args.device)
+    _check_memory_file(args.memory_file)
 
 
 def _generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
@@ -62,6 +201,9 @@ def _generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
 def _save_memory(model, args) -> None:
     if args.memory_file and model.memory_state is not None:
         model.memory_state.save(args.memory_file)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(args.memory_file, 0o666 & ~umask)  # safetensors writes 0600; a memory file is an ordinary file
         print(f"[hmt] memory saved to {args.memory_file}", file=sys.stderr)
 
 
@@ -69,16 +211,21 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    _check_model_arguments(args)
+    if args.prompt is not None and args.file:
+        raise UsageError("give --prompt or --file, not both.")
     if args.prompt is not None:
         text = args.prompt
     elif args.file:
-        with open(args.file) as f:
-            text = f.read()
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise UsageError(f"--file {args.file} is not UTF-8 text.") from None
     else:
         text = sys.stdin.read()
     if not text:
-        print("hmt generate: empty prompt (give --prompt, --file or text on stdin)", file=sys.stderr)
-        return 2
+        raise UsageError("empty prompt (give --prompt, --file or text on stdin).")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = _load_model(args)
@@ -92,6 +239,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
+    _check_model_arguments(args)
     model, tokenizer = _load_model(args)
     print("[hmt] chat: one message per line; an empty line or Ctrl-D ends. The memory keeps every turn.", file=sys.stderr)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -116,18 +264,51 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import data as hdata
     from . import evaluate as ev
     from .backbone import load_backbone
     from .config import HMTConfig
     from .model import HMT
 
+    # everything that can be wrong with the arguments, before a model is loaded or a token scored
+    _check_device(args.device)
+    protocols = _check_protocols(args.protocols)
+    out = Path(args.out)
+    _check_output_dir(out, args.overwrite)
+    split = args.split
+    if split is None:  # paths: exactly what was given; the named corpora: their held-out test split
+        named = [d for d in args.data if d in NAMED_CORPORA or d.startswith("hf:")]
+        split = "test" if named and len(named) == len(args.data) else "all"
+
     def fresh_backbone():
         return load_backbone(args.backbone, device=_device(args))
 
     backbone, tokenizer = fresh_backbone()
+    source = args.data[0] if len(args.data) == 1 else list(args.data)
+    corpus = hdata.TokenizedCorpus.from_source(source, tokenizer, progress=True)
+    found = f"{corpus.num_documents} document(s), {corpus.num_tokens} tokens in {' '.join(args.data)}"
+    if split == "all":
+        candidates = [(corpus.names[i], corpus.document(i)) for i in range(corpus.num_documents)]
+    else:
+        parts = hdata.split_documents(corpus, split, args.split_fractions)
+        if parts.within_documents:
+            print(f"[hmt] {found}: too few documents for a document-level split; scoring the {split} part "
+                  "of each document (token ranges)", file=sys.stderr)
+        candidates = [(parts.names[i], parts.document(i)) for i in range(parts.num_documents)]
+    long_enough = [c for c in candidates if len(c[1]) >= args.min_tokens]
+    if not long_enough:
+        longest = max((len(ids) for _, ids in candidates), default=0)
+        raise UsageError(
+            f"no {'' if split == 'all' else split + ' '}document has --min-tokens {args.min_tokens} tokens ({found}; "
+            f"{len(candidates)} in the {split} split, the longest {longest} tokens): lower --min-tokens"
+            + (", or pass --split all to score every document." if split != "all" else ".")
+        )
+    count = min(args.documents, len(long_enough))
+    chosen = [long_enough[i * len(long_enough) // count] for i in range(count)]
+    import torch
+
+    documents = [(name, torch.as_tensor(ids[: args.max_tokens])) for name, ids in chosen]
+
     if args.hmt:
         hmt_model = HMT.from_pretrained(backbone, args.hmt).eval()
         hmt_label = f"HMT checkpoint {args.hmt}"
@@ -144,22 +325,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.baseline:
         baseline = HMT.from_pretrained(fresh_backbone()[0], args.baseline).backbone.eval()
         baseline_label = f"baseline checkpoint {args.baseline} (fine-tuned without memory)"
-    source = args.data[0] if len(args.data) == 1 else list(args.data)
-    corpus = hdata.TokenizedCorpus.from_source(source, tokenizer, progress=True)
-    indices = corpus.split(args.split, args.split_fractions) if args.split != "all" else list(range(corpus.num_documents))
-    indices = [i for i in indices if len(corpus.document(i)) >= args.min_tokens]
-    if not indices:
-        print(f"hmt eval: no {args.split} document of {args.data} has {args.min_tokens} tokens", file=sys.stderr)
-        return 2
-    count = min(args.documents, len(indices))
-    chosen = [indices[i * len(indices) // count] for i in range(count)]
-    import torch
-
-    documents = [(corpus.names[i], torch.as_tensor(corpus.document(i)[: args.max_tokens])) for i in chosen]
-    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     weights = {p: baseline_label for p in protocols if p in ("disjoint", "sensory") or p.startswith("sliding-")}
     weights.update({"hmt": hmt_label, "hmt-causal": f"{hmt_label}, scored causally", "recurrence": recurrence_label})
-    print(f"[hmt] {len(documents)} documents, {sum(len(d) for _, d in documents)} tokens: "
+    print(f"[hmt] split {split}: {len(documents)} documents, {sum(len(d) for _, d in documents)} tokens: "
           + ", ".join(name for name, _ in documents), file=sys.stderr)
     results = ev.evaluate(documents, hmt_model=hmt_model, recurrence_model=recurrence, baseline_backbone=baseline,
                           protocols=protocols, weights=weights, sliding_stride=args.sliding_stride)
@@ -170,9 +338,8 @@ def _eval(args: argparse.Namespace) -> int:
         if gap > 0:
             print(f"HMT closes {100 * (results['sensory'].ppl - results['hmt'].ppl) / gap:.1f}% of the gap from "
                   f"sensory ({results['sensory'].ppl:.3f}) to {sliding.protocol} ({sliding.ppl:.3f}).")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ev.save_results(results, out / "results.json", {"data": args.data, "split": args.split,
+    ev.save_results(results, out / "results.json", {"data": args.data, "split": split,
                                                     "documents": [n for n, _ in documents]})
     ev.plot_segment_ppl(results, out / "segment_ppl.png", hmt_model.config.segment_length)
     print(f"[hmt] wrote {out / 'results.json'} and {out / 'segment_ppl.png'}", file=sys.stderr)
@@ -193,10 +360,13 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="HF id or directory (default: SmolLM2-135M).")
     _add_device_argument(parser)
-    parser.add_argument("--checkpoint", default=None, help="HMT checkpoint directory (save_pretrained).")
-    parser.add_argument("--segment-length", type=int, default=256, help="L when no checkpoint is given.")
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"HMT checkpoint directory (save_pretrained) or shipped adapter name; 'none' for an "
+                             f"untrained HMT (default on the default backbone: the shipped adapter {DEFAULT_ADAPTER}).")
+    parser.add_argument("--segment-length", type=_positive_int, default=None,
+                        help="L of an untrained HMT (default 256; giving it without --checkpoint means an untrained HMT).")
     parser.add_argument("--memory-file", default=None, help="Load the memory from / save it to this file.")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=200)
     parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=50)
@@ -204,9 +374,21 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line: 'hmt VERB: argument --x: ... (hmt VERB --help)'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="Show the full traceback of an error.")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hmt", description="Hierarchical Memory Transformer tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="hmt", description="Hierarchical Memory Transformer tools.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="Train HMT from a YAML recipe (runs under `accelerate launch` too).")
     train.add_argument("--config", help="YAML recipe (see recipes/).")
     train.add_argument("--stage", action="append", help="Run only this stage (repeatable).")
@@ -218,18 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", help="Generate from a prompt (argument, file or stdin), streamed.")
     generate.add_argument("--prompt", default=None)
-    generate.add_argument("--file", default=None)
+    generate.add_argument("--file", default=None, type=_readable_file)
     _add_model_arguments(generate)
     generate.set_defaults(func=_generate)
 
     evaluate = sub.add_parser("eval", help="Perplexity over long documents: HMT against baselines.")
     evaluate.add_argument("--data", nargs="+", default=["kjv"],
                           help="Source(s) for hmt.data (path, glob, JSONL, kjv, python-docs, ...); several mix.")
-    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    evaluate.add_argument("--split", default=None, choices=["train", "validation", "test", "all"],
+                          help="Score one split (a source with too few documents is split inside its documents by "
+                               "token ranges). Default: every document given; the named corpora (kjv, python-docs, "
+                               "python-stdlib, hf:...) their test split.")
     evaluate.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1])
-    evaluate.add_argument("--documents", type=int, default=4, help="How many documents (spread over the split).")
-    evaluate.add_argument("--min-tokens", type=int, default=8192)
-    evaluate.add_argument("--max-tokens", type=int, default=8192, help="Score the first this many tokens of each.")
+    evaluate.add_argument("--documents", type=_positive_int, default=4, help="How many documents (spread over the split).")
+    evaluate.add_argument("--min-tokens", type=_non_negative_int, default=8192)
+    evaluate.add_argument("--max-tokens", type=_positive_int, default=8192, help="Score the first this many tokens of each.")
     evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT),
                           help="Comma-separated: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, and "
                                "hmt-causal (HMT scored strictly causally; ~j extra passes per segment).")
@@ -238,11 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--hmt", default=None, help="HMT checkpoint (default: untrained HMT).")
     evaluate.add_argument("--stage1", default=None, help="Stage-1 checkpoint for the recurrence protocol.")
     evaluate.add_argument("--baseline", default=None, help="Checkpoint of the backbone fine-tuned without memory.")
-    evaluate.add_argument("--segment-length", type=int, default=256)
-    evaluate.add_argument("--sensory", type=int, default=32)
-    evaluate.add_argument("--sliding-stride", type=int, default=None,
+    evaluate.add_argument("--segment-length", type=_positive_int, default=256)
+    evaluate.add_argument("--sensory", type=_non_negative_int, default=32)
+    evaluate.add_argument("--sliding-stride", type=_positive_int, default=None,
                           help="New tokens per sliding-window step (default L); context is W - stride.")
-    evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.add_argument("--out", default="outputs/eval", help="Folder for results.json and segment_ppl.png.")
+    evaluate.add_argument("--overwrite", action="store_true", help="Replace the results of an earlier run in --out.")
     evaluate.set_defaults(func=_eval)
 
     chat = sub.add_parser("chat", help="Chat with memory; --memory-file remembers earlier conversations.")
@@ -251,9 +437,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text += f": {err.filename}"
+    return text
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """The ``hmt`` command. A user error is one line on stderr and exit status 2 (``--debug``: the
+    traceback); Ctrl-C is one line and 130; anything else is a bug and shows its traceback."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad argument (already printed as one line)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    _quiet()
+    verb = f"hmt {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{verb}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, OSError, ImportError) as err:
+        if getattr(args, "debug", False):
+            raise
+        hint = "" if isinstance(err, UsageError) else " (--debug shows the traceback)"
+        print(f"{verb}: error: {_one_line(err)}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -87,6 +87,15 @@ class HMTConfig:
     )
 
     def __post_init__(self) -> None:
+        import numbers
+
+        for f in fields(self):  # numpy integers (np.int64(64)) are integers
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                setattr(self, f.name, int(value))
+            elif type(value).__name__ == "bool_":  # numpy's bool
+                setattr(self, f.name, bool(value))
+
         def positive(name: str, value: Any, allow_zero: bool = False) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool)
             ok = ok and (value >= 0 if allow_zero else value > 0)

@@ -290,6 +290,7 @@ def _resolve_files(paths: Sequence[str], pattern: Optional[str]) -> List[Tuple[P
                 raise FileNotFoundError(f"The directory {str(path)!r} holds no file {what}.")
             out.extend((f, _rel(f, path)) for f in files)
         elif path.is_file():
+            _check_text_file(path)
             out.append((path, path.name))
         else:
             raise FileNotFoundError(
@@ -338,6 +339,17 @@ def _open_text(path: Path):
 def _read_text(path: Path) -> str:
     with _open_text(path) as fh:
         return fh.read()
+
+
+def _check_text_file(path: Path) -> None:
+    """A file named as a source must be text: refuse binary data rather than train on garbage."""
+    with _open_text(path) as fh:
+        head = fh.read(65536)
+    if "\x00" in head or head.count("\ufffd") > 0.05 * max(1, len(head)):
+        raise ValueError(
+            f"{path} is not text (it holds NUL bytes or is mostly invalid UTF-8): hmt.data reads UTF-8 text "
+            "files, .jsonl/.json and .gz of those. Give a text file, a folder or a glob of them."
+        )
 
 
 def _file_rows(path: Path, rel: str) -> Iterator[Tuple[str, dict]]:
@@ -819,6 +831,74 @@ class TokenizedCorpus:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+
+class TokenRanges:
+    """Parts of a corpus's documents, used like whole documents (``document(i)``, ``names``, ...).
+
+    :func:`split_documents` returns one: whole documents when the corpus has enough documents
+    for a document-level split, else the same token range of every document
+    (``within_documents``). :class:`WindowDataset` accepts it in place of a corpus.
+    """
+
+    def __init__(self, corpus: "TokenizedCorpus", ranges: Sequence[Tuple[int, int, int]], within_documents: bool):
+        self.corpus = corpus
+        self.within_documents = within_documents
+        self.doc_ids = np.asarray([d for d, _, _ in ranges], dtype=np.int64)
+        starts = np.asarray([s for _, s, _ in ranges], dtype=np.int64)
+        ends = np.asarray([e for _, _, e in ranges], dtype=np.int64)
+        self.offsets = (corpus.offsets[self.doc_ids] + starts) if len(ranges) else np.zeros(0, dtype=np.int64)
+        self.lengths = ends - starts
+        self.names = [corpus.names[d] if not within_documents else f"{corpus.names[d]}[tokens {s}:{e}]"
+                      for d, s, e in ranges]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.corpus.tokens
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def document(self, i: int) -> np.ndarray:
+        start = int(self.offsets[i])
+        return np.asarray(self.tokens[start : start + int(self.lengths[i])], dtype=np.int64)
+
+    def describe(self) -> str:
+        return f"{self.num_documents} document(s), {self.num_tokens} tokens"
+
+
+def split_documents(corpus: "TokenizedCorpus", name: str, fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                    seed: int = 0) -> TokenRanges:
+    """Split ``name`` of ``corpus``, by document when it can, else inside every document.
+
+    A document-level split (:meth:`TokenizedCorpus.split`) needs every split with a positive
+    fraction to receive a document. When it does not (one book, a handful of files), each
+    document is cut by token ranges instead: its first ``fractions[0]`` of tokens are
+    training, the next ``fractions[1]`` validation, the last ``fractions[2]`` test.
+    """
+    if name not in _SPLITS:
+        raise ValueError(f"Unknown split {name!r}: use one of {sorted(_SPLITS)}.")
+    bounds = _split_bounds(fractions)
+    buckets = [_bucket(n, bounds, seed) for n in corpus.names]
+    wanted = [k for k in range(3) if bounds[k + 1] > bounds[k]]
+    if corpus.num_documents and all(k in buckets for k in wanted):
+        want = _SPLITS[name]
+        return TokenRanges(corpus, [(i, 0, int(corpus.lengths[i])) for i, b in enumerate(buckets) if b == want], False)
+    want = _SPLITS[name]
+    ranges = []
+    for i, n in enumerate(corpus.lengths.tolist()):
+        start, end = int(round(bounds[want] * n)), int(round(bounds[want + 1] * n))
+        if end > start:
+            ranges.append((i, start, end))
+    return TokenRanges(corpus, ranges, True)
 
 
 def _as_document(i: int, doc: Union[Document, str]) -> Document:

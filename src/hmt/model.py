@@ -117,6 +117,7 @@ class HMT(nn.Module):
                 f"An augmented segment has k + L + 2 = {config.augmented_length} positions but the "
                 f"backbone supports {limit}. Lower segment_length or sensory_memory_size."
             )
+        bb.check_decomposition(backbone)  # refuse a backbone whose logits HMT would get wrong
         self.config = config
         self.backbone = backbone
         self.representation_encoder = RepresentationEncoder(config)

@@ -34,6 +34,10 @@ from .config import HMTConfig
 from .model import HMT, memory_mode
 
 TRAINABLE = ("memory", "lora", "full")
+FLOAT_FIELDS = ("lr", "hmt_lr", "weight_decay", "lora_dropout", "decay_gamma", "max_grad_norm")
+INT_FIELDS = ("lora_r", "lora_alpha", "split_seed", "segments_per_window", "window_stride", "eval_documents",
+              "eval_max_tokens", "eval_min_tokens", "steps", "batch_size", "grad_accum", "warmup_steps", "decay_every",
+              "bptt_depth", "eval_every", "save_every", "log_every", "seed")
 STATE_NAME = "training_state.pt"
 
 
@@ -104,6 +108,24 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        import numbers
+
+        for name in FLOAT_FIELDS:  # YAML reads 1e-4 (no dot) as a string
+            value = getattr(self, name)
+            if value is None and name == "hmt_lr":
+                continue
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}.") from None
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}.")
+            setattr(self, name, float(value))
+        for name in INT_FIELDS:  # numpy integers are integers
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
         if not isinstance(self.use_memory, bool) and self.use_memory != "sensory":
             raise ValueError(f"TrainConfig.use_memory must be true, false or 'sensory', got {self.use_memory!r}.")
         if self.trainable not in TRAINABLE:
@@ -116,7 +138,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.precision must be auto/fp32/bf16/fp16, got {self.precision!r}.")
         for name in ("steps", "batch_size", "grad_accum", "segments_per_window", "eval_every", "save_every", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
         if self.bptt_depth is not None and (not isinstance(self.bptt_depth, int) or self.bptt_depth < 1):
             raise ValueError(f"TrainConfig.bptt_depth must be a positive integer or null, got {self.bptt_depth!r}.")
@@ -153,10 +175,14 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[
     """
     import yaml
 
+    if Path(path).is_dir():
+        raise ValueError(f"Recipe {path} is a directory; give a YAML file (see recipes/).")
     try:
         recipe = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"Recipe {path} does not exist.") from err
+        raise FileNotFoundError(f"Recipe {path} does not exist (see recipes/ for examples).") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"Recipe {path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(recipe, dict):
         raise ValueError(f"Recipe {path} must be a YAML mapping.")
     stages = recipe.pop("stages", None)
@@ -174,7 +200,11 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[
             key, _, raw = item.partition("=")
             if not _:
                 raise ValueError(f"Override {item!r} must look like key=value.")
-            _set_dotted(values, key.strip(), yaml.safe_load(raw))
+            try:
+                parsed_value = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                raise ValueError(f"--set {item}: the value is not valid YAML ({' '.join(str(err).split())}).") from err
+            _set_dotted(values, key.strip(), parsed_value)
         if "output_dir" not in stage:
             values["output_dir"] = str(Path(values.get("output_dir", "runs/hmt")) / name) if len(stages) > 1 else values.get("output_dir", "runs/hmt")
         parsed.append((name, values))
@@ -289,18 +319,32 @@ def build_data(config: TrainConfig, tokenizer):
         val = hdata.QADataset(split["validation"][: config.eval_documents], tokenizer, progress=False, **config.qa_options)
         return train, [val[i] for i in range(len(val))]
     corpus = hdata.TokenizedCorpus.from_source(config.data, tokenizer, progress=config.progress, **config.data_options)
-    train_docs = corpus.split("train", config.split_fractions, seed=config.split_seed)
-    val_docs = corpus.split("validation", config.split_fractions, seed=config.split_seed)
-    train = hdata.WindowDataset(corpus, train_docs, window=config.window, stride=config.window_stride)
+    found = f"{corpus.num_documents} document(s), {corpus.num_tokens} tokens"
+    train_part = hdata.split_documents(corpus, "train", config.split_fractions, seed=config.split_seed)
+    val_part = hdata.split_documents(corpus, "validation", config.split_fractions, seed=config.split_seed)
+    if train_part.within_documents:
+        print(f"[hmt] {config.data}: {found}, too few documents for a document-level split: splitting inside each "
+              f"document by token ranges (train, validation, test = {list(config.split_fractions)} of its tokens)")
+    train = hdata.WindowDataset(train_part, None, window=config.window, stride=config.window_stride)
     if len(train) == 0:
-        raise ValueError(f"{config.data}: no training document holds a full window of {config.window} tokens.")
-    val_docs = [i for i in val_docs if len(corpus.document(i)) >= config.eval_min_tokens]
+        longest = int(train_part.lengths.max()) if train_part.num_documents else 0
+        raise ValueError(
+            f"{config.data}: no training document holds a full window of {config.window} tokens "
+            f"(segments_per_window x hmt.segment_length; found {found}, the training part's longest "
+            f"{longest} tokens). Lower segments_per_window or hmt.segment_length, or add data."
+        )
+    val_docs = [i for i in range(val_part.num_documents) if val_part.lengths[i] >= max(1, config.eval_min_tokens)]
     if not val_docs:
-        raise ValueError(f"{config.data}: no validation document has {config.eval_min_tokens} tokens; lower eval_min_tokens.")
+        longest = int(val_part.lengths.max()) if val_part.num_documents else 0
+        raise ValueError(
+            f"{config.data}: no validation document has {max(1, config.eval_min_tokens)} tokens (found {found}; "
+            f"{val_part.num_documents} in the validation part, the longest {longest} tokens). Lower eval_min_tokens, "
+            "raise the validation share of split_fractions, or add data."
+        )
     # Spread the scored documents over the split (a mixture lists its sources in order).
     count = min(config.eval_documents, len(val_docs))
     chosen = [val_docs[i * len(val_docs) // count] for i in range(count)]
-    val = [corpus.document(i)[: config.eval_max_tokens] for i in chosen]
+    val = [val_part.document(i)[: config.eval_max_tokens] for i in chosen]
     return train, val
 
 

@@ -1,0 +1,102 @@
+"""save_pretrained / from_pretrained against bad inputs: other weights, edited or corrupt files, odd folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from hmt import HMT, HMTConfig
+
+from .conftest import make_backbone
+
+CONFIG = HMTConfig(segment_length=8, sensory_memory_size=2, num_memory_embeddings=3)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = HMT(make_backbone("llama").requires_grad_(False), CONFIG)
+    model.save_pretrained(tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_other_weights_are_refused_same_weights_in_another_dtype_warn(saved):
+    other = make_backbone("llama", seed=0)
+    with torch.no_grad():  # a slightly fine-tuned embedding: far inside the old 1% tolerance
+        other.get_input_embeddings().weight[5, 0] += 1e-3
+    with pytest.raises(ValueError, match="other weights"):
+        HMT.from_pretrained(other, saved)
+    with pytest.warns(UserWarning, match="float32"):
+        HMT.from_pretrained(make_backbone("llama").to(torch.bfloat16), saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HMT.from_pretrained(make_backbone("llama"), saved)  # the same weights: silent
+
+
+def test_bit_flipped_weights_are_refused(saved):
+    path = saved / "hmt_weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        HMT.from_pretrained(make_backbone("llama"), saved)
+
+
+def test_edited_config_is_refused(saved):
+    path = saved / "hmt_config.json"
+    values = json.loads(path.read_text())
+    values["segment_length"] = 16
+    path.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=r"segment_length"):
+        HMT.from_pretrained(make_backbone("llama"), saved)
+
+
+def test_nan_parameters_are_refused(tmp_path):
+    model = HMT(make_backbone("llama").requires_grad_(False), CONFIG)
+    with torch.no_grad():
+        model.memory_search.query.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    with pytest.raises(ValueError, match="NaN"):
+        HMT.from_pretrained(make_backbone("llama"), tmp_path / "nan")
+
+
+def test_saving_keeps_a_users_old_folder_and_modes(saved):
+    mine = saved.parent / ".out.old"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    HMT(make_backbone("llama").requires_grad_(False), CONFIG).save_pretrained(saved)  # over an existing folder
+    assert (mine / "keep.txt").read_text() == "mine"
+    mode = stat.S_IMODE(os.stat(saved / "hmt_weights.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(saved / "hmt_config.json").st_mode)
+    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".out")] == [".out.old"]
+
+
+def test_read_only_folder_stays_read_only(saved):
+    os.chmod(saved, 0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"Cannot write {saved}: the folder is read-only"):
+            HMT(make_backbone("llama").requires_grad_(False), CONFIG).save_pretrained(saved)
+        assert stat.S_IMODE(os.stat(saved).st_mode) == 0o555
+    finally:
+        os.chmod(saved, 0o755)
+
+
+def test_saving_into_the_current_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = HMT(make_backbone("llama").requires_grad_(False), CONFIG)
+    for where in (".", str(tmp_path), ".."):
+        with pytest.raises(ValueError, match="current folder"):
+            model.save_pretrained(where)
+    model.save_pretrained("sub")  # a folder inside it is fine
+    assert (tmp_path / "sub" / "hmt_weights.safetensors").is_file()
+
+
+def test_numpy_integers_are_integers():
+    config = HMTConfig(segment_length=np.int64(64), sensory_memory_size=np.int32(8), num_memory_embeddings=np.int64(5))
+    assert config.segment_length == 64 and type(config.segment_length) is int
+    assert json.dumps(config.to_dict())  # serialisable
