@@ -104,3 +104,31 @@ def test_memory_off_ignores_the_stateful_batch_size(model):
         model(torch.full((1, 4), 5))
         assert model(torch.full((2, 4), 5), use_memory=False).logits.shape[0] == 2
     assert model.memory_state.batch_size == 1
+
+
+def test_labels_outside_the_vocabulary_are_refused():
+    from hmt import HMT, HMTConfig
+
+    from .conftest import VOCAB, make_backbone
+
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=8, sensory_memory_size=2, num_memory_embeddings=4))
+    ids = torch.randint(3, VOCAB, (1, 12))
+    labels = ids.clone()
+    labels[0, 5] = VOCAB + 3
+    with pytest.raises(ValueError, match=f"vocabulary has {VOCAB} entries"):
+        model(ids, labels=labels, memory_state=model.new_memory(1))
+    labels[0, 5] = -100  # ignored positions are fine
+    model(ids, labels=labels, memory_state=model.new_memory(1))
+
+
+def test_memory_file_with_nan_is_refused(tmp_path):
+    from hmt import HMT, HMTConfig, MemoryState
+
+    from .conftest import VOCAB, make_backbone
+
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=8, sensory_memory_size=2, num_memory_embeddings=4))
+    state = model(torch.randint(3, VOCAB, (1, 20)), memory_state=model.new_memory(1)).memory_state
+    state.cache[0, 0, 0] = float("nan")
+    state.save(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="NaN"):
+        MemoryState.load(tmp_path / "m.safetensors")

@@ -217,6 +217,8 @@ class MemoryState:
             raise ValueError(f"Not an HMT memory state: tensors {missing} are missing.")
         state = cls(**{n: tensors[n] for n in names})
         state.validate()
+        if not bool(torch.isfinite(state.cache).all()):
+            raise ValueError("This HMT memory state holds NaN or infinite memories; it cannot be used.")
         return state
 
     def validate(self, config: Optional[HMTConfig] = None) -> None:
