@@ -91,12 +91,18 @@ def run_variant(name: str, args, hmt_overrides: dict, train_overrides: dict) -> 
     accuracy = recall.evaluate_recall(model, task, args.eval_distances, num_examples=args.eval_examples,
                                       batch_size=args.eval_batch, use_memory=train_cfg.use_memory,
                                       seed=args.seed + 1000)
+    # The same model with the key in a random segment 0 .. D (2D + 1 segments): does the search find
+    # the evidence by its content, or only because it was always the first memory?
+    anywhere = recall.evaluate_recall(model, task, args.eval_distances, num_examples=args.eval_examples,
+                                      batch_size=args.eval_batch, use_memory=train_cfg.use_memory,
+                                      seed=args.seed + 2000, evidence_segment=None)
     eval_seconds = time.perf_counter() - start
     tail = history[-50:]
     config = dataclasses.asdict(train_cfg)
     config["distances"] = list(config["distances"])
     return {
         "accuracy": {str(d): a for d, a in accuracy.items()},
+        "accuracy_key_anywhere": {str(d): a for d, a in anywhere.items()},
         "final_answer_loss": sum(r["lm_loss"] for r in tail) / len(tail),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
@@ -106,12 +112,14 @@ def run_variant(name: str, args, hmt_overrides: dict, train_overrides: dict) -> 
 
 
 def table(rows: dict, distances, chance: float, trained) -> str:
-    head = "| variant | " + " | ".join(f"{d}{'' if d in trained else '*'}" for d in distances) + " | train s |"
-    lines = [head, "|---" * (len(distances) + 2) + "|"]
+    cols = [f"{d}{'' if d in trained else '*'}" for d in distances]
+    head = "| variant | " + " | ".join(cols) + " | " + " | ".join(f"{c} (key anywhere)" for c in cols) + " | train s |"
+    lines = [head, "|---" * (2 * len(distances) + 2) + "|"]
     for name, row in rows.items():
-        cells = " | ".join(f"{100 * row['accuracy'][str(d)]:.1f}" for d in distances)
+        cells = " | ".join(f"{100 * row[key][str(d)]:.1f}" for key in ("accuracy", "accuracy_key_anywhere")
+                           for d in distances)
         lines.append(f"| {name} | {cells} | {row['train_seconds']:.0f} |")
-    lines.append(f"| chance | " + " | ".join(f"{100 * chance:.2f}" for _ in distances) + " | |")
+    lines.append(f"| chance | " + " | ".join(f"{100 * chance:.2f}" for _ in range(2 * len(distances))) + " | |")
     return "\n".join(lines)
 
 
@@ -146,7 +154,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.compression = False if args.compression in ("0", "false", "False", "none") else args.compression
     if args.steps is None:
-        args.steps = 300 if args.quick else 1200
+        args.steps = 300 if args.quick else 2000
     if args.eval_examples is None:
         args.eval_examples = 100 if args.quick else 500
     if max(args.eval_distances) >= args.cache:
@@ -170,7 +178,8 @@ def main(argv=None) -> None:
     wall = time.perf_counter() - wall
 
     trained = set(args.train_distances)
-    print("\nexact-answer accuracy (%) by distance in segments (* = never trained on):")
+    print("\nexact-answer accuracy (%) by distance in segments (* = never trained on); key in segment 0, "
+          "then key in a random segment 0..D:")
     print(table(rows, args.eval_distances, task.chance, trained))
     if ablation_rows:
         print("\nablations (HMT, one change each):")
