@@ -1,0 +1,423 @@
+"""A synthetic long-range recall probe: does HMT's long-term memory remember a fact?
+
+A key of a few digits is written into one segment (the *evidence* segment), random
+distractor segments follow, and a *query* segment many segments later asks for the key;
+the loss covers the answer digits only. With segments of L tokens and sensory memory of
+k < L tokens, nothing but the memory can carry the key across two or more segments, so
+exact-answer accuracy against distance measures what the long-term memory holds.
+
+Token layout of the vocabulary (``RecallTask``)::
+
+    0 pad (unused) | 1 KEY | 2 QUERY | 3 .. 3+D-1 digits | 3+D .. vocab-1 distractors
+
+Segment layouts (L = ``segment_length``, n = ``num_digits``, j = HMT's representation length)::
+
+    evidence segment:  KEY d_1 .. d_n  distractors ...                      (L tokens)
+    filler segments:   distractors ...                                      (L tokens each)
+    query segment:     QUERY distractors ... QUERY d_1 .. d_n               (L tokens)
+
+The answer occupies the last n positions of the query segment; the generator checks they
+come at or after position j, so HMT's memory search (which reads the first j tokens of a
+segment) sees the QUERY marker but never the answer it is asked to recall: the teacher-
+forced search does not leak the answer. Exact-answer accuracy is teacher-forced greedy: an
+example counts when the argmax at every answer position is the right digit.
+
+The supervised retrieval signal of the reference implementation (``HMT_SPEC.md``, "Training
+signals") is :func:`retrieval_loss`; :func:`train_recall` and :func:`evaluate_recall` are the
+loops the benchmark (``benchmarks/memory_recall.py``) and the CI test use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+KEY, QUERY = 1, 2
+FIRST_DIGIT = 3
+
+
+@dataclass
+class RecallTask:
+    """The probe's shape: vocabulary split, segment length and key length.
+
+    Args:
+        segment_length: L, tokens per segment; must equal the model's ``segment_length``.
+        num_digits: n, digits in the key (the answer).
+        num_digit_tokens: how many distinct digit tokens (10: chance is ``10 ** -n``).
+        vocab_size: the backbone's vocabulary; ids ``3 + num_digit_tokens ..`` are distractors.
+        representation_length: j of the model; the answer must start at or after it (no leak
+            into the memory search). None: ``segment_length // 2`` (HMT's default).
+    """
+
+    segment_length: int = 16
+    num_digits: int = 4
+    num_digit_tokens: int = 10
+    vocab_size: int = 64
+    representation_length: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        j = self.representation_length if self.representation_length is not None else self.segment_length // 2
+        if self.num_digits < 1 or self.num_digit_tokens < 2:
+            raise ValueError("RecallTask needs num_digits >= 1 and num_digit_tokens >= 2.")
+        if self.segment_length - self.num_digits < max(j, 2):
+            raise ValueError(
+                f"The answer (last {self.num_digits} tokens of the query segment) must start at or after "
+                f"position j={j} and after two QUERY markers: raise segment_length ({self.segment_length}) "
+                "or lower num_digits."
+            )
+        if self.num_digits + 1 > self.segment_length:
+            raise ValueError("The key and its KEY marker must fit in one segment.")
+        if self.distractor_low >= self.vocab_size:
+            raise ValueError(f"vocab_size={self.vocab_size} leaves no distractor tokens; raise it.")
+
+    @property
+    def distractor_low(self) -> int:
+        return FIRST_DIGIT + self.num_digit_tokens
+
+    @property
+    def chance(self) -> float:
+        """Exact-answer accuracy of a uniform guess over the digit tokens."""
+        return float(self.num_digit_tokens) ** -self.num_digits
+
+
+@dataclass
+class RecallBatch:
+    """A batch of recall examples (all of one length).
+
+    Attributes:
+        input_ids: ``(B, S * L)`` token ids, S segments of L tokens.
+        labels: ``(B, S * L)`` -100 everywhere except the answer digits (HF convention: the
+            model's loss shifts them inside, so position t - 1 predicts label t).
+        evidence_segments: ``(B,)`` index of the segment holding the key.
+        query_segments: ``(B,)`` index of the segment asking for it (the last one, S - 1, unless
+            the evidence position was drawn per example).
+        answers: ``(B, n)`` the key's digit tokens.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    evidence_segments: torch.Tensor
+    query_segments: torch.Tensor
+    answers: torch.Tensor
+
+    @property
+    def distance(self) -> torch.Tensor:
+        """``(B,)`` segments between evidence and query."""
+        return self.query_segments - self.evidence_segments
+
+
+def make_batch(
+    task: RecallTask,
+    batch_size: int,
+    distance: int,
+    seed: Union[int, torch.Generator] = 0,
+    evidence_segment: Optional[int] = 0,
+) -> RecallBatch:
+    """Draw ``batch_size`` examples whose key is ``distance`` segments before the query.
+
+    Args:
+        task: the probe's layout.
+        batch_size: B.
+        distance: segments from the evidence segment to the query segment (>= 1).
+        seed: an int (same int, same batch) or a ``torch.Generator`` to draw from.
+        evidence_segment: index of the evidence segment (0: the key opens the sequence). None:
+            drawn per example in ``0 .. distance``; the sequence then holds ``2 * distance + 1``
+            segments and distractor segments follow an early query.
+
+    Returns:
+        :class:`RecallBatch` with ``S = evidence + distance + 1`` segments (``2 * distance + 1``
+        when ``evidence_segment`` is None).
+    """
+    if distance < 1:
+        raise ValueError(f"distance must be >= 1 segment, got {distance}.")
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    L, n = task.segment_length, task.num_digits
+    if evidence_segment is None:
+        # Rows share one length: the evidence anywhere in 0 .. distance, distractor segments
+        # after a query that comes early (they carry no labels).
+        num_segments = 2 * distance + 1
+        evidence = torch.randint(0, distance + 1, (batch_size,), generator=gen)
+        query = evidence + distance
+    else:
+        if evidence_segment < 0:
+            raise ValueError("evidence_segment must be >= 0 or None.")
+        num_segments = evidence_segment + distance + 1
+        evidence = torch.full((batch_size,), evidence_segment, dtype=torch.long)
+        query = evidence + distance
+    T = num_segments * L
+    ids = torch.randint(task.distractor_low, task.vocab_size, (batch_size, T), generator=gen)
+    answers = torch.randint(FIRST_DIGIT, task.distractor_low, (batch_size, n), generator=gen)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    rows = torch.arange(batch_size)
+    for row in rows.tolist():
+        e, q = int(evidence[row]) * L, int(query[row]) * L
+        ids[row, e] = KEY
+        ids[row, e + 1 : e + 1 + n] = answers[row]
+        ids[row, q] = QUERY
+        ids[row, q + L - n - 1] = QUERY
+        ids[row, q + L - n : q + L] = answers[row]
+        labels[row, q + L - n : q + L] = answers[row]
+    return RecallBatch(ids, labels, evidence, query, answers)
+
+
+def retrieval_loss(
+    out,
+    evidence_segments: torch.Tensor,
+    query_segments: Union[int, torch.Tensor],
+    kind: str = "cross_entropy",
+) -> torch.Tensor:
+    """The supervised retrieval signal: the query segment's search should land on the evidence.
+
+    For each example, take the search distribution ``w (C,)`` of its query segment over the cache
+    (``out.retrieval_weights[q]``) and mark the entries written by the evidence segment
+    (``out.retrieved_segments[q] == evidence``):
+
+    * ``"cross_entropy"`` (the reference implementation's): ``-sum_c p_c log w_c`` with ``p`` the
+      evidence mask normalised to sum 1 (the spec's ``CrossEntropy(scores, pos_mask / sum)``);
+    * ``"mass"``: ``-log sum_{c in evidence} w_c``, the weight mass on the evidence.
+
+    With one evidence entry (one evidence segment per example, as in :func:`make_batch`) the two
+    are equal. Examples whose evidence is no longer in the cache (pushed out by FIFO) or whose
+    query segment has an empty cache are left out of the mean. The reference adds
+    ``0.05 *`` this to the LM loss.
+
+    Args:
+        out: an :class:`hmt.HMTOutput` of a forward with memory (``retrieval_weights``: per segment
+            ``(B, C)``; ``retrieved_segments``: per segment ``(B, C)``, -1 for empty slots).
+        evidence_segments: ``(B,)`` stream segment index of the evidence (as ``make_batch`` gives;
+            for a stream continued from an earlier ``memory_state`` these are stream indices).
+        query_segments: ``(B,)`` or an int: index of the query segment *within this call's*
+            segments (``out.retrieval_weights[q]``).
+        kind: ``"cross_entropy"`` or ``"mass"``.
+
+    Returns:
+        A scalar tensor (0 with no gradient when no example has its evidence in the cache).
+    """
+    if out.retrieval_weights is None:
+        raise ValueError("retrieval_loss needs an output of a forward with memory (use_memory=True).")
+    if kind not in ("cross_entropy", "mass"):
+        raise ValueError(f"kind must be 'cross_entropy' or 'mass', got {kind!r}.")
+    B = evidence_segments.shape[0]
+    queries = torch.as_tensor(query_segments).expand(B) if not torch.is_tensor(query_segments) or \
+        query_segments.dim() == 0 else query_segments
+    losses = []
+    for row in range(B):
+        q = int(queries[row])
+        weights = out.retrieval_weights[q][row].float()  # (C,)
+        owners = out.retrieved_segments[q][row]  # (C,)
+        mask = owners == int(evidence_segments[row])
+        if weights.numel() == 0 or not bool(mask.any()):
+            continue
+        if kind == "mass":
+            losses.append(-torch.log((weights * mask).sum().clamp_min(1e-30)))
+        else:
+            target = mask.float() / mask.sum()
+            losses.append(-(target * torch.log(weights.clamp_min(1e-30))).sum())
+    if not losses:
+        return out.retrieval_weights[0].new_zeros(()) if out.retrieval_weights[0].numel() else torch.zeros(())
+    return torch.stack(losses).mean()
+
+
+def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: every answer token is the argmax of the logits one position before it.
+
+    Args:
+        logits: ``(B, T, vocab)`` aligned with ``input_ids``.
+        labels: ``(B, T)`` -100 except the answer tokens.
+    """
+    predicted = logits[:, :-1].argmax(-1)  # (B, T-1): prediction for position t + 1
+    target = labels[:, 1:]
+    scored = target != IGNORE_INDEX
+    right = (predicted == target) | ~scored
+    return right.all(1) & scored.any(1)
+
+
+@torch.no_grad()
+def evaluate_recall(
+    model,
+    task: RecallTask,
+    distances: Sequence[int],
+    num_examples: int = 200,
+    batch_size: int = 100,
+    use_memory: Union[bool, str] = True,
+    seed: int = 12345,
+    evidence_segment: Optional[int] = 0,
+) -> dict:
+    """Exact-answer accuracy (teacher-forced greedy) at each distance, on fresh seeded examples.
+
+    Args:
+        model: an :class:`hmt.HMT`.
+        task: the probe's layout.
+        distances: segments between evidence and query to evaluate.
+        num_examples: examples per distance.
+        batch_size: examples per forward.
+        use_memory: passed to ``model(...)`` (``True``, ``False`` or ``"sensory"``).
+        seed: examples at distance D come from seed ``seed + D`` (the same for every model).
+        evidence_segment: as in :func:`make_batch`.
+
+    Returns:
+        ``{distance: accuracy}`` (floats in [0, 1]).
+    """
+    was_training = model.training
+    model.eval()
+    results = {}
+    for distance in distances:
+        gen = torch.Generator().manual_seed(seed + int(distance))
+        correct, seen = 0, 0
+        while seen < num_examples:
+            size = min(batch_size, num_examples - seen)
+            batch = make_batch(task, size, int(distance), gen, evidence_segment)
+            kwargs = {"memory_state": model.new_memory(size)} if use_memory is True else {}
+            out = model(batch.input_ids, use_memory=use_memory, **kwargs)
+            correct += int(answer_correct(out.logits, batch.labels).sum())
+            seen += size
+        results[int(distance)] = correct / seen
+    model.train(was_training)
+    return results
+
+
+def parameter_groups(model, lr: float, hmt_lr: Optional[float] = None, weight_decay: float = 0.0) -> list:
+    """AdamW groups: the backbone's parameters at ``lr``, HMT's own (names not starting with
+    ``backbone.``) at ``hmt_lr`` (``lr`` when None). Frozen parameters are left out."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if n.startswith("backbone.")]
+    own = [p for n, p in named if not n.startswith("backbone.")]
+    groups = [{"params": backbone, "lr": lr, "weight_decay": weight_decay}]
+    if own:
+        groups.append({"params": own, "lr": hmt_lr if hmt_lr is not None else lr, "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class RecallTrainConfig:
+    """How :func:`train_recall` trains.
+
+    Args:
+        steps: optimizer steps.
+        batch_size: examples per step (all of one distance, drawn per step).
+        distances: the training distances; each step draws one uniformly from the allowed ones.
+        curriculum: True: over the first ``curriculum_fraction`` of the steps the largest
+            allowed distance grows linearly from ``min(distances)`` to ``max(distances)``.
+        curriculum_fraction: see ``curriculum``.
+        lr: AdamW learning rate of the backbone.
+        hmt_lr: learning rate of HMT's own parameters (None: ``lr``).
+        warmup_steps: linear warm-up; cosine decay to 10% afterwards.
+        retrieval_loss_weight: weight of :func:`retrieval_loss` added to the LM loss (0: off;
+            the reference's 0.05). Ignored without retrieval.
+        use_memory: ``True`` (HMT), or ``"sensory"`` / ``False`` for the plain backbone.
+        detach_every: truncated BPTT depth passed to ``forward`` (None: full BPTT).
+        grad_clip: max gradient norm.
+        seed: seeds the data stream (model initialisation is the caller's).
+        evidence_segment: as in :func:`make_batch` (None: random position).
+    """
+
+    steps: int = 600
+    batch_size: int = 32
+    distances: Sequence[int] = (2, 3, 4, 5, 6, 7, 8)
+    curriculum: bool = True
+    curriculum_fraction: float = 0.3
+    lr: float = 1e-3
+    hmt_lr: Optional[float] = None
+    warmup_steps: int = 30
+    retrieval_loss_weight: float = 0.05
+    use_memory: Union[bool, str] = True
+    detach_every: Optional[int] = None
+    grad_clip: float = 1.0
+    seed: int = 0
+    evidence_segment: Optional[int] = 0
+
+
+def train_recall(
+    model,
+    task: RecallTask,
+    config: RecallTrainConfig,
+    log: Optional[Callable[[dict], None]] = None,
+    log_every: int = 50,
+) -> list:
+    """Train ``model`` (every parameter that requires grad) on the recall probe.
+
+    Each step draws a distance (see :class:`RecallTrainConfig`), a batch of that distance from a
+    seeded stream, and minimises the answer-token loss plus ``retrieval_loss_weight`` times
+    :func:`retrieval_loss` (when the model searches). Every call starts from an empty memory.
+
+    Returns:
+        a list of per-step dicts ``{step, distance, loss, lm_loss, retrieval_loss, seconds}``.
+    """
+    rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.hmt_lr), betas=(0.9, 0.98))
+    base = [g["lr"] for g in optimizer.param_groups]
+    lo, hi = min(config.distances), max(config.distances)
+    searching = config.use_memory is True and model.config.use_retrieval
+    history, start = [], time.perf_counter()
+    model.train()
+    for step in range(config.steps):
+        scale = (step + 1) / config.warmup_steps if step < config.warmup_steps else \
+            0.1 + 0.45 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)))
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * scale
+        allowed = list(config.distances)
+        if config.curriculum:
+            frac = min(1.0, step / max(1.0, config.curriculum_fraction * config.steps))
+            allowed = [d for d in allowed if d <= lo + frac * (hi - lo)] or [lo]
+        distance = rng.choice(allowed)
+        batch = make_batch(task, config.batch_size, distance, gen, config.evidence_segment)
+        kwargs = {"memory_state": model.new_memory(config.batch_size)} if config.use_memory is True else {}
+        out = model(batch.input_ids, labels=batch.labels, use_memory=config.use_memory,
+                    detach_every=config.detach_every, **kwargs)
+        lm_loss = out.loss
+        loss = lm_loss
+        r_loss = None
+        if searching and config.retrieval_loss_weight:
+            r_loss = retrieval_loss(out, batch.evidence_segments, batch.query_segments)
+            loss = loss + config.retrieval_loss_weight * r_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+        optimizer.step()
+        record = {"step": step + 1, "distance": distance, "loss": float(loss), "lm_loss": float(lm_loss),
+                  "retrieval_loss": None if r_loss is None else float(r_loss),
+                  "seconds": time.perf_counter() - start}
+        history.append(record)
+        if log is not None and (step + 1) % log_every == 0:
+            log(record)
+    model.eval()
+    return history
+
+
+def tiny_llama(vocab_size: int = 64, hidden_size: int = 128, layers: int = 4, heads: int = 4,
+               max_positions: int = 256, seed: int = 0):
+    """A small random ``LlamaForCausalLM`` to train from scratch (the probe's default backbone)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KEY",
+    "QUERY",
+    "RecallBatch",
+    "RecallTask",
+    "RecallTrainConfig",
+    "answer_correct",
+    "evaluate_recall",
+    "make_batch",
+    "parameter_groups",
+    "retrieval_loss",
+    "tiny_llama",
+    "train_recall",
+]
