@@ -44,6 +44,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -74,6 +75,7 @@ __all__ = [
     "load_documents",
     "load_qa_examples",
     "pad_collate",
+    "MixedDataset",
     "source_identity",
 ]
 
@@ -1039,6 +1041,7 @@ class QAExample:
     prompt: str
     answer: str
     name: str = ""
+    evidence: str = ""  # a passage of ``context`` that holds the answer (e.g. a passkey's sentence), if known
 
 
 def load_qa_examples(
@@ -1048,6 +1051,7 @@ def load_qa_examples(
     prompt_field: Optional[str] = None,
     answer_field: str = "answer",
     name_field: Optional[str] = None,
+    evidence_field: str = "evidence",
     limit: Optional[int] = None,
 ) -> List[QAExample]:
     """(context, prompt, answer) examples from JSONL/JSON files or ``"hf:NAME[:CONFIG][:SPLIT]"``.
@@ -1058,6 +1062,8 @@ def load_qa_examples(
             answer gives its first item.
         prompt_field: default ``"prompt"``, else ``"question"``, whichever a row has.
         name_field: the example's name (default ``"<file>:<line>"`` / ``"<NAME>/<split>/<row>"``).
+        evidence_field: a passage of the context that holds the answer, where rows have one
+            (optional): it locates the evidence for ``TrainConfig.retrieval_loss_weight``.
         limit: stop after this many examples.
     """
     kind, value = _classify(source)
@@ -1084,6 +1090,7 @@ def load_qa_examples(
                 prompt=_as_text(_get_field(row, pf)),
                 answer=_as_text(_get_field(row, answer_field), first=True),
                 name=_row_name(row, name_field, row_name),
+                evidence=_as_text(row.get(evidence_field, "")) if isinstance(row, dict) else "",
             )
         )
     return examples
@@ -1109,7 +1116,9 @@ class QADataset(Dataset):
 
     Items: ``{"input_ids": LongTensor(T), "labels": LongTensor(T)}``, T varying; batch them
     with :func:`pad_collate`. ``answer_starts[i]`` is where item i's answer begins, so
-    ``input_ids[:answer_starts[i]]`` is the prompt for generation.
+    ``input_ids[:answer_starts[i]]`` is the prompt for generation. Where the example names
+    its ``evidence``, items also hold ``evidence_position``: the token where that passage
+    begins (-1 where unknown or cut away).
     """
 
     def __init__(
@@ -1133,6 +1142,7 @@ class QADataset(Dataset):
         self.examples = list(examples)
         self._ids: List[np.ndarray] = []
         self.answer_starts: List[int] = []
+        self.evidence_positions: List[int] = []
         for ex in tqdm(self.examples, desc="tokenising tasks", unit="ex", disable=not progress, dynamic_ncols=True):
             fields = {"context": ex.context, "prompt": ex.prompt, "answer": ex.answer}
             c, p, a = _encode_batch(
@@ -1142,6 +1152,7 @@ class QADataset(Dataset):
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
+            evidence = _evidence_position(tokenizer, context_template.format(**fields), ex.evidence)
             if max_length is not None and len(c) + len(p) + len(a) > max_length:
                 keep = max_length - len(p) - len(a)
                 if keep < 0:
@@ -1150,13 +1161,18 @@ class QADataset(Dataset):
                         f"{max_length}."
                     )
                 if truncation == "left":
+                    evidence = evidence - (len(c) - keep) if evidence >= len(c) - keep else -1
                     c = c[len(c) - keep :]
                 elif truncation == "right":
+                    evidence = evidence if evidence < keep else -1
                     c = c[:keep]
                 else:
                     head = keep // 2
-                    c = list(c[:head]) + list(c[len(c) - (keep - head) :])
+                    cut = len(c) - (keep - head)  # tokens head .. cut - 1 go
+                    evidence = evidence if evidence < head else (evidence - (cut - head) if evidence >= cut else -1)
+                    c = list(c[:head]) + list(c[cut:])
             self.answer_starts.append(len(c) + len(p))
+            self.evidence_positions.append(evidence)
             self._ids.append(np.asarray(list(c) + list(p) + a, dtype=np.int64))
 
     def __len__(self) -> int:
@@ -1167,7 +1183,45 @@ class QADataset(Dataset):
         labels = torch.full_like(ids, -100)
         start = self.answer_starts[i]
         labels[start:] = ids[start:]
-        return {"input_ids": ids, "labels": labels}
+        item = {"input_ids": ids, "labels": labels}
+        if self.evidence_positions[i] >= 0:
+            item["evidence_position"] = torch.tensor(self.evidence_positions[i])
+        return item
+
+
+def _evidence_position(tokenizer, context: str, evidence: str) -> int:
+    """The token of ``context`` where ``evidence`` begins (tokenising the text before it); -1 if absent."""
+    where = context.find(evidence) if evidence else -1
+    if where < 0:
+        return -1
+    return len(_encode_batch(tokenizer, [context[:where]])[0]) if where else 0
+
+
+class MixedDataset(Dataset):
+    """Items of ``primary`` with a share ``fraction`` of items of ``secondary`` interleaved.
+
+    Item i comes from ``secondary`` when ``floor((i + 1) f) > floor(i f)``, so every run of
+    items holds the share f of secondary ones, wherever a shuffled batch draws from. Length:
+    enough items for each primary item once. E.g. passkey examples mixed with language-model
+    windows, so that a model taught to recall keeps its perplexity.
+    """
+
+    def __init__(self, primary: Dataset, secondary: Dataset, fraction: float):
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}.")
+        if len(primary) == 0 or len(secondary) == 0:
+            raise ValueError(f"Both datasets of a mixture need items (got {len(primary)} and {len(secondary)}).")
+        self.primary, self.secondary, self.fraction = primary, secondary, float(fraction)
+        self._length = int(math.ceil(len(primary) / (1 - self.fraction)))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        taken = math.floor(i * self.fraction)  # secondary items before i
+        if math.floor((i + 1) * self.fraction) > taken:
+            return self.secondary[taken % len(self.secondary)]
+        return self.primary[(i - taken) % len(self.primary)]
 
 
 def pad_collate(batch: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
@@ -1182,4 +1236,7 @@ def pad_collate(batch: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0)
         ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"] if "labels" in item else item["input_ids"]
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch_out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any("evidence_position" in item for item in batch):  # -1: no known evidence
+        batch_out["evidence_position"] = torch.tensor([int(item.get("evidence_position", -1)) for item in batch])
+    return batch_out

@@ -69,12 +69,12 @@ def task_examples(
         gap = max(0, rng.randint(min_distance, max_distance) - length(needle) - question)
         before = FILLER * rng.randint(0, max_prefix // filler)
         examples.append(QAExample(context=before + needle + FILLER * round(gap / filler), prompt=QUESTION,
-                                  answer=key, name=f"passkey-{seed}-{i}"))
+                                  answer=key, name=f"passkey-{seed}-{i}", evidence=needle))
     return examples
 
 
 def write_task(path, examples) -> str:
-    """``examples`` as JSONL (context, prompt, answer, name), readable by :func:`hmt.data.load_qa_examples`."""
+    """``examples`` as JSONL (context, prompt, answer, name[, evidence]), readable by :func:`hmt.data.load_qa_examples`."""
     import json
     from pathlib import Path
 
@@ -82,7 +82,10 @@ def write_task(path, examples) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for ex in examples:
-            f.write(json.dumps({"context": ex.context, "prompt": ex.prompt, "answer": ex.answer, "name": ex.name}) + "\n")
+            row = {"context": ex.context, "prompt": ex.prompt, "answer": ex.answer, "name": ex.name}
+            if ex.evidence:
+                row["evidence"] = ex.evidence
+            f.write(json.dumps(row) + "\n")
     return str(path)
 
 

@@ -193,7 +193,8 @@ def retrieval_loss(
         out: an :class:`hmt.HMTOutput` of a forward with memory (``retrieval_weights``: per segment
             ``(B, C)``; ``retrieved_segments``: per segment ``(B, C)``, -1 for empty slots).
         evidence_segments: ``(B,)`` stream segment index of the evidence (as ``make_batch`` gives;
-            for a stream continued from an earlier ``memory_state`` these are stream indices).
+            for a stream continued from an earlier ``memory_state`` these are stream indices);
+            -1 leaves the row out (no known evidence).
         query_segments: ``(B,)`` or an int: index of the query segment *within this call's*
             segments (``out.retrieval_weights[q]``).
         kind: ``"cross_entropy"`` or ``"mass"``.
@@ -213,8 +214,9 @@ def retrieval_loss(
         q = int(queries[row])
         weights = out.retrieval_weights[q][row].float()  # (C,)
         owners = out.retrieved_segments[q][row]  # (C,)
-        mask = owners == int(evidence_segments[row])
-        if weights.numel() == 0 or not bool(mask.any()):
+        evidence = int(evidence_segments[row])
+        mask = owners == evidence
+        if evidence < 0 or weights.numel() == 0 or not bool(mask.any()):  # -1: no known evidence
             continue
         if kind == "mass":
             losses.append(-torch.log((weights * mask).sum().clamp_min(1e-30)))

@@ -31,10 +31,11 @@ from torch import nn
 from . import backbone as bb
 from .checkpoint import _replace_dir, read_meta
 from .config import HMTConfig
-from .model import HMT, memory_mode
+from .model import HMT, IGNORE_INDEX, memory_mode
 
 TRAINABLE = ("memory", "lora", "full")
-FLOAT_FIELDS = ("lr", "hmt_lr", "weight_decay", "lora_dropout", "decay_gamma", "max_grad_norm")
+FLOAT_FIELDS = ("lr", "hmt_lr", "weight_decay", "lora_dropout", "decay_gamma", "max_grad_norm", "mix_fraction",
+                "retrieval_loss_weight")
 INT_FIELDS = ("lora_r", "lora_alpha", "split_seed", "segments_per_window", "window_stride", "eval_documents",
               "eval_max_tokens", "eval_min_tokens", "steps", "batch_size", "grad_accum", "warmup_steps", "decay_every",
               "bptt_depth", "eval_every", "save_every", "log_every", "seed")
@@ -72,6 +73,20 @@ class TrainConfig:
                           "hmt.data.load_qa_examples, qa_options to hmt.data.QADataset)."},
     )
     qa_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.QADataset (templates, max_length)."})
+    mix_data: Any = field(
+        default=None,
+        metadata={"help": "With task 'qa': a document source (as 'data') whose language-model windows of S x L tokens "
+                          "are mixed into the training items, so that a model taught a task keeps its perplexity."},
+    )
+    mix_fraction: float = field(default=0.0, metadata={"help": "Share of training items drawn from mix_data (0 to <1)."})
+    mix_data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents of mix_data."})
+    retrieval_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the supervised retrieval loss (the paper's code uses 0.05): on task examples "
+                          "whose evidence is known (an 'evidence' field), cross-entropy of the memory search of the "
+                          "segment that predicts the answer against the memory the evidence's segment wrote. "
+                          "Applies in stages with retrieval on."},
+    )
     data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
     split_seed: int = 0
@@ -140,6 +155,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+        if not 0 <= self.mix_fraction < 1:
+            raise ValueError(f"TrainConfig.mix_fraction must be in [0, 1), got {self.mix_fraction!r}.")
+        if self.mix_fraction > 0 and (self.task != "qa" or self.mix_data is None):
+            raise ValueError("TrainConfig.mix_fraction > 0 mixes language-model windows of mix_data into a 'qa' task: "
+                             "set task: qa and mix_data.")
+        if self.retrieval_loss_weight < 0:
+            raise ValueError(f"TrainConfig.retrieval_loss_weight must be >= 0, got {self.retrieval_loss_weight!r}.")
+        if self.retrieval_loss_weight > 0 and self.use_memory is not True:
+            raise ValueError("TrainConfig.retrieval_loss_weight supervises HMT's memory search: it needs use_memory: true.")
         if self.bptt_depth is not None and (not isinstance(self.bptt_depth, int) or self.bptt_depth < 1):
             raise ValueError(f"TrainConfig.bptt_depth must be a positive integer or null, got {self.bptt_depth!r}.")
         self.hmt_config()  # validate the HMT fields now, not after loading a model
@@ -317,7 +341,19 @@ def build_data(config: TrainConfig, tokenizer):
             raise ValueError(f"{config.data}: no training example (check split_fractions).")
         train = hdata.QADataset(split["train"], tokenizer, progress=config.progress, **config.qa_options)
         val = hdata.QADataset(split["validation"][: config.eval_documents], tokenizer, progress=False, **config.qa_options)
-        return train, [val[i] for i in range(len(val))]
+        val = [val[i] for i in range(len(val))]
+        if config.mix_fraction > 0:  # language-model windows beside the task, scored apart in validation
+            windows, documents = _document_data(config, tokenizer, config.mix_data, config.mix_data_options)
+            train, val = hdata.MixedDataset(train, windows, config.mix_fraction), val + documents
+        return train, val
+    return _document_data(config, tokenizer, config.data, config.data_options)
+
+
+def _document_data(config: TrainConfig, tokenizer, source, options: dict):
+    """Training windows and validation documents (token arrays) of a document source."""
+    from . import data as hdata
+
+    config = dataclasses.replace(config, data=source, data_options=options)
     corpus = hdata.TokenizedCorpus.from_source(config.data, tokenizer, progress=config.progress, **config.data_options)
     found = f"{corpus.num_documents} document(s), {corpus.num_tokens} tokens"
     train_part = hdata.split_documents(corpus, "train", config.split_fractions, seed=config.split_seed)
@@ -382,8 +418,8 @@ def evaluate_documents(model: HMT, documents: Sequence, use_memory: Union[bool, 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    # [nll, tokens] of task answers (row 0) and of whole documents (row 1)
+    sums = torch.zeros((2, 2), dtype=torch.float64, device=device)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     for doc in list(documents)[rank::world]:
         if isinstance(doc, dict):  # a task example: score its labels (the answer) only
@@ -392,13 +428,18 @@ def evaluate_documents(model: HMT, documents: Sequence, use_memory: Union[bool, 
         else:
             ids = labels = torch.as_tensor(doc, dtype=torch.long, device=device).view(1, -1)
         out = model(ids, labels=labels, use_memory=use_memory, memory_state=model.new_memory(1), return_logits=False)
-        nll += out.nll_sum.sum().double()
-        count += out.num_tokens.sum().double()
+        kind = 0 if isinstance(doc, dict) else 1
+        sums[kind, 0] += out.nll_sum.sum().double()
+        sums[kind, 1] += out.num_tokens.sum().double()
     if accelerator is not None and world > 1:
-        nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+        sums = accelerator.reduce(sums, "sum")
     model.train(was_training)
-    loss = float(nll / count.clamp(min=1))
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": int(count)}
+    (answer_nll, answers), (document_nll, tokens) = sums.tolist()
+    loss = (answer_nll + document_nll) / max(answers + tokens, 1)
+    result = {"loss": loss, "ppl": math.exp(loss), "tokens": int(answers + tokens)}
+    if answers and tokens:  # a task mixed with documents: each apart too
+        result.update(answers_ppl=math.exp(answer_nll / answers), documents_ppl=math.exp(document_nll / tokens))
+    return result
 
 
 # =========================================================================== training
@@ -503,7 +544,11 @@ def train(
                         return_logits=False, detach_every=config.bptt_depth,
                         checkpoint_segments=config.gradient_checkpointing,
                     )
-                loss = out.loss / config.grad_accum
+                loss = out.loss
+                if config.retrieval_loss_weight > 0 and model.config.use_retrieval and "evidence_position" in batch:
+                    loss = loss + config.retrieval_loss_weight * supervised_retrieval_loss(
+                        out, batch["evidence_position"], batch["labels"], model.config.segment_length)
+                loss = loss / config.grad_accum
                 if config.grad_accum > 1 and micro < config.grad_accum - 1:
                     with accelerator.no_sync(wrapped):
                         accelerator.backward(loss)
@@ -529,6 +574,7 @@ def train(
             if evaluating:
                 eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator)
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
+                record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
             bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:
@@ -558,6 +604,23 @@ def train(
     if writer is not None:
         writer.close()
     return TrainResult(steps=step, final_dir=str(final_dir), history=history, eval=eval_result)
+
+
+def supervised_retrieval_loss(out, evidence_positions: torch.Tensor, labels: torch.Tensor, segment_length: int):
+    """The paper's supervised retrieval term for a batch of task examples.
+
+    Row b's evidence begins at token ``evidence_positions[b]`` (-1: unknown, row left out), so
+    the memory written by segment ``evidence // L`` holds it; the answer's first token is
+    predicted at the position before the first labelled one, in segment ``(start - 1) // L``,
+    whose memory search should land on that memory. See :func:`hmt.recall.retrieval_loss`.
+    """
+    from .recall import retrieval_loss
+
+    labelled = labels != IGNORE_INDEX
+    first = torch.where(labelled.any(1), labelled.long().argmax(1), torch.zeros_like(labelled[:, 0], dtype=torch.long))
+    evidence = torch.where(evidence_positions >= 0, evidence_positions // segment_length, -1)
+    query = ((first - 1).clamp(min=0) // segment_length).clamp(max=len(out.retrieval_weights) - 1)
+    return retrieval_loss(out, evidence.to(labels.device), query)
 
 
 def _read_back(pending: list, history: list, tokens_seen: torch.Tensor, started: float) -> Optional[dict]:
