@@ -355,3 +355,41 @@ def test_scoring_without_logits_matches_in_slices():
         lean = model(ids, labels=ids, memory_state=model.new_memory(2), return_logits=False)
     torch.testing.assert_close(lean.segment_nll, full.segment_nll, **TOL)
     assert torch.equal(lean.segment_tokens, full.segment_tokens)
+
+
+# ----------------------------------------------------------------------------- public seams
+def test_memory_step_is_one_segment_of_forward():
+    """Reading segment by segment through the public step gives forward's hidden states' logits
+    and memory (the seam generation and evaluation use)."""
+    model = build("llama")
+    ids = tokens(2, 3 * L)
+    whole = model(ids, memory_state=model.new_memory(2))
+    state, logits = model.new_memory(2), []
+    for s in range(0, ids.shape[1], L):
+        step = model.memory_step(state, ids[:, s : s + L])
+        logits.append(model.backbone.get_output_embeddings()(step.hidden))
+        state = step.state
+        assert step.weights.shape == step.owners.shape
+    torch.testing.assert_close(torch.cat(logits, 1), whole.logits, **TOL)
+    torch.testing.assert_close(state.cache, whole.memory_state.cache, **TOL)
+
+
+def test_own_parameters_and_with_backbone():
+    import dataclasses
+
+    model = build("llama", memory_compression="identity")
+    own = model.own_state_dict()
+    assert own and all(HMT.is_own(k) for k in own) and not any(k.startswith("backbone.") for k in own)
+    assert set(own) == {k for k in model.state_dict() if not k.startswith("backbone.")}
+    twin = model.with_backbone(config=dataclasses.replace(model.config, use_retrieval=False))
+    assert twin.backbone is model.backbone and not twin.config.use_retrieval
+    for name, value in twin.own_state_dict().items():
+        assert torch.equal(value, own[name]), name
+    ids = tokens(1, 2 * L)
+    # the recurrence twin reads with the same parameters: the first segment (no search yet) agrees
+    torch.testing.assert_close(twin(ids, memory_state=twin.new_memory(1)).logits[:, :L],
+                               model(ids, memory_state=model.new_memory(1)).logits[:, :L], **TOL)
+    # a config that drops the compression carries over the rest
+    plain = model.with_backbone(config=dataclasses.replace(model.config, memory_compression=False))
+    assert "memory_generator.compression.weight" not in plain.own_state_dict()
+    assert torch.equal(plain.memory_search.query.weight, model.memory_search.query.weight)

@@ -139,7 +139,8 @@ def score_hmt_causal(
         searches = model.config.use_retrieval and bool(state.cache_mask.any())
         # Positions t < j - 1 of a searching segment: P_n from tokens 0..t only.
         early = min(j, l) - 1 if searches else 0
-        hidden, next_state, *_ = model._memory_segment(state, seg, [l])
+        step = model.memory_step(state, seg)
+        hidden, next_state = step.hidden, step.state
         nll = torch.zeros(l, dtype=torch.float64, device=device)
         logits = bb.lm_logits(model.backbone, hidden[0, early : targets.shape[0]]).float()
         nll[early : targets.shape[0]] = F.cross_entropy(logits, targets[early:], reduction="none").double()
@@ -241,9 +242,7 @@ def _window(protocol: str, backbone) -> int:
 def _without_retrieval(model: HMT) -> HMT:
     import dataclasses
 
-    twin = HMT(model.backbone, dataclasses.replace(model.config, use_retrieval=False))
-    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, strict=False)
-    return twin.eval()
+    return model.with_backbone(config=dataclasses.replace(model.config, use_retrieval=False)).eval()
 
 
 def format_table(results: dict[str, ProtocolResult]) -> str:

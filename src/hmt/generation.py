@@ -353,7 +353,7 @@ class _Decoder:
             lens = torch.tensor([ids.shape[1]], device=ids.device)
             row.state = row.state.push(memory, active, model.config.num_memory_embeddings).with_sensory(ids, lens, active)
         else:  # pooled strategies need every hidden state: recompute the segment once
-            _, row.state, *_ = model._memory_segment(row.state, ids, [ids.shape[1]])
+            row.state = model.memory_step(row.state, ids).state
         row.open_ids, row.memory_token, row.final = [], None, False
 
     def _refresh(self, rows: list[int]) -> None:
@@ -511,7 +511,7 @@ def generate(
         ids = input_ids = torch.zeros(B, 0, dtype=torch.long, device=source.pending_ids.device)
         lengths = [0] * B
     else:
-        ids, _, _, _, lengths = model._check_inputs(input_ids, attention_mask, None)
+        ids, _, _, _, lengths = model.check_inputs(input_ids, attention_mask)
         B = ids.shape[0]
     if streamer is not None and B != 1:
         raise ValueError("A streamer works with a batch of one sequence, as in transformers.")

@@ -27,6 +27,7 @@ from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 
 IGNORE_INDEX = -100
+BACKBONE_PREFIX = "backbone."  # state_dict names of the backbone's tensors inside HMT
 # Scoring without returning logits runs the LM head on slices of at most this many
 # (row, position, vocab) elements: 64 positions of a 49k vocabulary for one row on the CPU.
 _SCORE_ELEMENTS = 64 * 49152
@@ -73,6 +74,17 @@ class HMTOutput(ModelOutput):
     num_tokens: Optional[torch.Tensor] = None
     segment_nll: Optional[torch.Tensor] = None
     segment_tokens: Optional[torch.Tensor] = None
+
+
+@dataclass
+class MemoryStep:
+    """What :meth:`HMT.memory_step` returns for one segment."""
+
+    hidden: torch.Tensor  # (B, l, d) final hidden states of the segment's positions
+    state: MemoryState  # the memory after the segment
+    memory: torch.Tensor  # (B, d) m_n, the memory it wrote
+    weights: torch.Tensor  # (B, C) the search's weights over the cache as it stood
+    owners: torch.Tensor  # (B, C) the segment that wrote each cache entry (-1: empty)
 
 
 @dataclass
@@ -195,6 +207,28 @@ class HMT(nn.Module):
         ref = self.embedding_layer.weight
         return MemoryState.empty(batch_size, self.config, device=ref.device, dtype=ref.dtype)
 
+    # ------------------------------------------------------------------ own parameters
+    @staticmethod
+    def is_own(name: str) -> bool:
+        """Whether the parameter or buffer ``name`` (of ``named_parameters``/``state_dict``) is
+        HMT's own (T, initial memory, W_q, W_k, compression), not the backbone's."""
+        return not name.startswith(BACKBONE_PREFIX)
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """HMT's own tensors, by ``state_dict`` name (what a memory-only checkpoint holds)."""
+        return {k: v for k, v in self.state_dict().items() if self.is_own(k)}
+
+    def with_backbone(self, backbone: Optional[nn.Module] = None, config: Optional[HMTConfig] = None) -> "HMT":
+        """A new HMT around ``backbone`` (default: this one's) with ``config`` (default: this
+        one's), carrying over those of this model's own parameters that still fit (a module the
+        new config adds starts fresh). E.g. the recurrence model of a trained HMT:
+        ``model.with_backbone(config=dataclasses.replace(model.config, use_retrieval=False))``."""
+        fresh = HMT(self.backbone if backbone is None else backbone, config or self.config)
+        target = fresh.state_dict()
+        fitting = {k: v for k, v in self.own_state_dict().items() if k in target and target[k].shape == v.shape}
+        fresh.load_state_dict(fitting, strict=False)
+        return fresh.train(self.training)
+
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory, trained_backbone: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         """Write HMT's parameters (plus LoRA or backbone weights if trained) and config, atomically.
@@ -294,7 +328,7 @@ class HMT(nn.Module):
             :class:`HMTOutput`.
         """
         use_memory, sensory_only = memory_mode(use_memory)
-        ids, mask, labels, starts, lengths = self._check_inputs(input_ids, attention_mask, labels)
+        ids, mask, labels, starts, lengths = self.check_inputs(input_ids, attention_mask, labels)
         if detach_every is not None and (not isinstance(detach_every, int) or detach_every < 1):
             raise ValueError(f"detach_every must be a positive integer or None, got {detach_every!r}.")
         B = ids.shape[0]
@@ -423,8 +457,10 @@ class HMT(nn.Module):
         """
         step = _Step()
         if use_memory:
-            hidden, step.state, step.memory, step.weights, step.owners = self._memory_segment(
-                carried.state, seg_ids, seg_lens, carried.summary, carried.sensory_lengths, carried.lengths, trim=False)
+            read = self.memory_step(carried.state, seg_ids, seg_lens, summary=carried.summary,
+                                    sensory_lengths=carried.sensory_lengths, lengths=carried.lengths, trim=False)
+            hidden, step.state, step.memory, step.weights, step.owners = (
+                read.hidden, read.state, read.memory, read.weights, read.owners)
         else:
             hidden = self._plain_segment(seg_ids, seg_lens, carried)
         if want_logits:
@@ -459,16 +495,29 @@ class HMT(nn.Module):
     def _slice_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return _token_nll(bb.lm_logits(self.backbone, hidden), targets).sum(1)
 
-    def _memory_segment(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: list[int],
-                        summary: Optional[torch.Tensor] = None, sensory_lengths: Optional[list[int]] = None,
-                        lengths: Optional[torch.Tensor] = None, trim: bool = True):
-        """Steps 1-5 of the spec for one segment: ``seg_ids (B, l)`` with ``seg_lens`` real tokens per row.
+    def memory_step(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: Optional[list[int]] = None, *,
+                    summary: Optional[torch.Tensor] = None, sensory_lengths: Optional[list[int]] = None,
+                    lengths: Optional[torch.Tensor] = None, trim: bool = True) -> "MemoryStep":
+        """One step of the algorithm (steps 1-5 of ``docs/algorithm.md``): memory and segment in,
+        segment output and the next memory out. ``forward``, generation and evaluation all read
+        segments through it.
 
-        Optional host/device copies of what the state already knows (``summary`` S_n,
-        ``sensory_lengths`` as a list, ``lengths`` = ``seg_lens`` as a device tensor) spare the
-        device round trips a loop over segments should not wait on; ``trim=False`` leaves the
-        cache untrimmed (see :meth:`MemoryState.push`).
+        Args:
+            state: the memory before the segment.
+            seg_ids: ``(B, l)`` the segment's token ids, left-aligned, ``l <= L``.
+            seg_lens: real tokens per row (default: all ``l``); a row with 0 leaves its memory as is.
+            summary, sensory_lengths, lengths: what the caller already knows (S_n ``(B, d)`` from a
+                batched encoding pass; ``state.sensory_lengths`` as a list; ``seg_lens`` as a device
+                tensor), sparing device round trips a loop over segments should not wait on.
+            trim: False leaves the cache untrimmed (see :meth:`MemoryState.push`).
+
+        Returns:
+            :class:`MemoryStep`: ``hidden (B, l, d)`` final hidden states of the segment's positions
+            (the LM head's input), the next ``state``, the written ``memory (B, d)``, the search
+            ``weights (B, C)`` over the cache as it stood and the ``owners (B, C)`` that wrote it.
         """
+        if seg_lens is None:
+            seg_lens = [seg_ids.shape[1]] * seg_ids.shape[0]
         width = seg_ids.shape[1]
         token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
         recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
@@ -486,7 +535,7 @@ class HMT(nn.Module):
         active = lengths > 0
         state = state.push(memory, active, self.config.num_memory_embeddings, trim=trim)
         state = state.with_sensory(seg_ids, lengths, active)
-        return segment_hidden, state, memory, weights, owner
+        return MemoryStep(segment_hidden, state, memory, weights, owner)
 
     def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int], prefix_ids=None) -> torch.Tensor:
         B, width = seg_ids.shape
@@ -515,8 +564,9 @@ class HMT(nn.Module):
         return joined, mask, joined_labels, prefix
 
     # ------------------------------------------------------------------ inputs
-    def _check_inputs(self, input_ids, attention_mask, labels):
-        """Validate; return left-aligned ids, mask, labels, per-row starts and lengths."""
+    def check_inputs(self, input_ids, attention_mask=None, labels=None):
+        """Validate inputs as ``forward`` takes them (clear errors); return left-aligned ids, mask,
+        labels, per-row starts (first real position) and lengths (a list), on the model's device."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
         if input_ids.dtype in (torch.bool,) or input_ids.is_floating_point() or input_ids.is_complex():

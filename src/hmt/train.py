@@ -273,7 +273,7 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
         model = HMT.from_pretrained(backbone, config.init_from, **hmt_overrides)
         backbone = model.backbone
         if any(getattr(model.config, k) != v for k, v in structural.items()):
-            model = _rewrap(model, backbone, dataclasses.replace(model.config, **structural))
+            model = model.with_backbone(backbone, dataclasses.replace(model.config, **structural))
     else:
         model = None
     if config.trainable == "lora" and bb.unwrap(backbone) is backbone:
@@ -283,7 +283,7 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=target if isinstance(target, str) else list(target))
         backbone = get_peft_model(backbone, lora)
-        model = None if model is None else _rewrap(model, backbone)
+        model = None if model is None else model.with_backbone(backbone)
     if model is None:
         model = HMT(backbone, config.hmt_config())
     set_trainable(model, config)
@@ -293,29 +293,19 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
 def parameter_groups(model: HMT, config: TrainConfig) -> list[dict]:
     """The trained parameters as AdamW groups: the backbone's at ``lr``, HMT's own at ``hmt_lr``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if n.startswith("backbone.")]
-    own = [p for n, p in named if not n.startswith("backbone.")]
+    backbone = [p for n, p in named if not HMT.is_own(n)]
+    own = [p for n, p in named if HMT.is_own(n)]
     groups = [{"params": backbone, "lr": config.lr}] if backbone else []
     if own:
         groups.append({"params": own, "lr": config.hmt_lr if config.hmt_lr is not None else config.lr})
     return groups
 
 
-def _rewrap(model: HMT, backbone: nn.Module, config: Optional[HMTConfig] = None) -> HMT:
-    """``model``'s own parameters around ``backbone`` (with ``config``: those that still fit it)."""
-    fresh = HMT(backbone, config or model.config)
-    target = fresh.state_dict()
-    own = {k: v for k, v in model.state_dict().items()
-           if not k.startswith("backbone.") and k in target and target[k].shape == v.shape}
-    fresh.load_state_dict(own, strict=False)
-    return fresh
-
-
 def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
     """Freeze everything, then unfreeze what this run trains; returns the trained names."""
     model.requires_grad_(False)
     for name, param in model.named_parameters():
-        if name.startswith("backbone."):
+        if not HMT.is_own(name):
             if config.trainable == "full" or (config.trainable == "lora" and "lora_" in name):
                 param.requires_grad_(True)
         elif memory_mode(config.use_memory)[0]:
