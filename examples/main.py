@@ -1,7 +1,8 @@
 """The main job: the walkthrough, then HMT with its trained SmolLM2 adapter against honest
 baselines on held-out long documents, with the pictures that show what the memory does.
 
-    python examples/main.py --out outputs/main
+    python examples/main.py --out outputs/main           # a first run: about 10 minutes on 2 CPU cores
+    python examples/main.py --out outputs/main --full    # the README's figures: 64k-token cost curve, 8k-token documents (~35 min)
 
 1. The user walkthrough end to end (``examples/walkthrough.py``) -> ``OUT/walkthrough/``,
    its exercise 3 measuring time and peak memory of HMT against the full-attention
@@ -58,14 +59,21 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", default=hmt.DEFAULT_ADAPTER, help="HMT adapter (shipped name or directory).")
     parser.add_argument("--baseline", default=str(SHIPPED_DIR / "smollm2-135m-baseline"),
                         help="Backbone fine-tuned without memory (rows disjoint/sensory/sliding); '' = base weights.")
+    parser.add_argument("--full", action="store_true",
+                        help="the long measurements: --lengths up to 65536 and --max-tokens 8192 (about 35 minutes)")
     parser.add_argument("--documents", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens scored per document (default 2048; --full 8192)")
     parser.add_argument("--protocols", default="disjoint,sensory,sliding-2048,recurrence,hmt")
     parser.add_argument("--sliding-stride", type=int, default=1024)
     parser.add_argument("--skip-walkthrough", action="store_true")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
-                        help="sequence lengths of the measured time/memory comparison (walkthrough exercise 3)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="sequence lengths of the measured time/memory comparison (walkthrough exercise 3; "
+                             "default 1024 2048 4096; --full up to 65536)")
     args = parser.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536] if args.full else [1024, 2048, 4096]
+    if args.max_tokens is None:
+        args.max_tokens = 8192 if args.full else 2048
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
