@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import resource
 import platform
 import statistics
-from typing import Any, Iterable, Optional, Sequence
+import subprocess
+import tempfile
+import time
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
 
@@ -108,9 +112,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
+def write_json(path: Optional[str], payload: dict[str, Any], merge: bool = False) -> None:
+    """Write ``payload`` to ``path`` (nothing if no path); ``merge``: keep the top-level keys of an
+    existing file that ``payload`` does not have (read here, at the end, so that runs side by side
+    both merge)."""
     if not path:
         return
+    if merge and os.path.exists(path):
+        with open(path) as f:
+            payload = {**json.load(f), **payload}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
@@ -195,3 +205,100 @@ class MemoryWatch:
             out.update(cuda_max_allocated_bytes=cuda_peak, cuda_after_load_bytes=self.cuda_after_load,
                        cuda_working_bytes=cuda_peak - self.cuda_after_load)
         return out
+
+
+# --------------------------------------------------------------------------- shared flags
+def add_model_arguments(parser: argparse.ArgumentParser, *, segment_length: int = 256,
+                        representation_length: Optional[int] = 128,
+                        threads_help: str = "torch.set_num_threads (default 1)") -> None:
+    """The flags every model benchmark takes: ``--backbone``, HMT's sizes ``-L/-j/-k/-N``, ``--device``,
+    ``--dtype``, ``--threads``. ``representation_length=None``: ``-j`` defaults to ``L // 2`` (HMTConfig's)."""
+    parser.add_argument("--backbone", default=None, help="backbone name or path (default: SmolLM2-135M)")
+    parser.add_argument("--segment-length", "-L", type=int, default=segment_length)
+    parser.add_argument("--representation-length", "-j", type=int, default=representation_length,
+                        help="default L // 2" if representation_length is None else None)
+    parser.add_argument("--sensory", "-k", type=int, default=32)
+    parser.add_argument("--num-memory", "-N", type=int, default=300)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+
+
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The flags of :func:`add_model_arguments` as ``args`` holds them, for a worker's command line."""
+    argv = ["--device", args.device, "--dtype", args.dtype, "-L", str(args.segment_length), "-k", str(args.sensory),
+            "-N", str(args.num_memory), "--threads", str(args.threads)]
+    if args.representation_length is not None:
+        argv += ["-j", str(args.representation_length)]
+    if args.backbone:
+        argv += ["--backbone", args.backbone]
+    return argv
+
+
+# --------------------------------------------------------------------------- worker processes
+RESULT = "RESULT "  # a worker's last line: RESULT <json figures>
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags a benchmark's own worker process takes: ``--worker`` and ``--ids-file``."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
+
+
+def print_result(figures: dict) -> None:
+    """A worker's answer to :func:`run_workers`: one line on stdout."""
+    print(RESULT + json.dumps(figures), flush=True)
+
+
+def worker_env(**variables: Any) -> dict[str, str]:
+    """This process's environment plus ``variables`` (those set to None are left out)."""
+    env = dict(os.environ)
+    env.update({name: str(value) for name, value in variables.items() if value is not None})
+    return env
+
+
+def run_workers(runs: Sequence[Hashable], command: Callable[[Any, str], list[str]], ids: torch.Tensor, *,
+                jobs: int = 1, env: Optional[dict] = None, label: Callable[[Any], str] = str,
+                started: Optional[Callable[[Any, int], None]] = None,
+                done: Optional[Callable[[Any, dict, float], None]] = None) -> dict:
+    """Run one fresh subprocess per item of ``runs``, in that order, ``jobs`` at a time.
+
+    Measuring each run in its own process keeps its peak memory its own. ``ids`` (token ids)
+    are saved once to a temporary file that ``command(run, ids_file)`` (the worker's argv)
+    names; the worker prints its figures with :func:`print_result`. Returns ``{run: figures}``;
+    a run that fails (non-zero exit or no result line) gets ``{"error": the tail of its
+    output, "returncode": ...}`` and a FAILED line. ``started(run, pid)`` and
+    ``done(run, figures, seconds)`` report progress.
+    """
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file = os.path.join(tmp, "ids.pt")
+        torch.save(ids, ids_file)
+        pending, running = list(runs), []
+        while pending or running:
+            while pending and len(running) < jobs:
+                run = pending.pop(0)
+                number = len(runs) - len(pending)  # 1, 2, ...: names its log files
+                logs = [open(os.path.join(tmp, f"{number}.{name}"), "w+") for name in ("out", "err")]
+                proc = subprocess.Popen(command(run, ids_file), stdout=logs[0], stderr=logs[1], text=True,
+                                        env=env if env is not None else dict(os.environ))
+                running.append((run, proc, logs, time.perf_counter()))
+                if started:
+                    started(run, proc.pid)
+            time.sleep(0.2)
+            for item in list(running):
+                run, proc, logs, start = item
+                if proc.poll() is None:
+                    continue
+                out, err = [(f.seek(0), f.read(), f.close())[1] for f in logs]
+                lines = [line for line in out.splitlines() if line.startswith(RESULT)]
+                if proc.returncode != 0 or not lines:
+                    tail = (err or out)[-2000:]
+                    print(f"  {label(run)}: FAILED (exit {proc.returncode})\n{tail}", flush=True)
+                    results[run] = {"error": tail, "returncode": proc.returncode}
+                else:
+                    results[run] = json.loads(lines[-1][len(RESULT):])
+                    if done:
+                        done(run, results[run], time.perf_counter() - start)
+                running.remove(item)
+    return results

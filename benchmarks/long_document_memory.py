@@ -34,16 +34,15 @@ With --segment-baseline, also model(ids, labels=ids, return_logits=False, use_me
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-from _common import MemoryWatch, document_ids, environment, hmt_from_args, parse_dtype, pick_device, synchronize, table, write_json
+from _common import (MemoryWatch, add_model_arguments, add_worker_arguments, document_ids, environment, hmt_from_args,
+                     model_argv, parse_dtype, pick_device, print_result, run_workers, synchronize, table, worker_env,
+                     write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IGNORE_INDEX = -100
@@ -123,7 +122,8 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------- parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default=None, help="backbone name or path (default: SmolLM2-135M)")
+    add_model_arguments(p, threads_help="torch.set_num_threads in each worker (default 1: memory does not depend on "
+                        "it, and one thread per worker is steady on a shared CPU)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="HMT document lengths")
     p.add_argument("--plain-lengths", type=int, nargs="*", default=[4096, 8192],
                    help="full-attention plain-backbone lengths (capped at the backbone's position limit)")
@@ -132,15 +132,6 @@ def parse_args(argv=None):
     p.add_argument("--segment-baseline", action="store_true",
                    help="also run model(..., use_memory=False) (plain backbone on the same disjoint L segments, "
                    "no memory) at every HMT length: a control with the same segment loop but no growing cache")
-    p.add_argument("--segment-length", "-L", type=int, default=256)
-    p.add_argument("--representation-length", "-j", type=int, default=128)
-    p.add_argument("--sensory", "-k", type=int, default=32)
-    p.add_argument("--num-memory", "-N", type=int, default=300)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads in each worker (default 1: memory does not depend on it, "
-                   "and one thread per worker is steady on a shared CPU)")
     p.add_argument("--jobs", type=int, default=None,
                    help="workers run at once, each its own process (peak RSS is per process, so running "
                    "them side by side does not mix their figures). Default: cores // threads on CPU, 1 on CUDA")
@@ -150,47 +141,34 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny smoke run: HMT at 512 and 1024 tokens, plain at 512")
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
     # internal: one measurement in this process
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_arguments(p)
     p.add_argument("--variant", default="hmt", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.plain_lengths = [512, 1024], [512]
     return args
 
 
-def worker_command(args, variant: str, length: int, ids_file: str) -> list[str]:
-    cmd = [sys.executable, os.path.join(HERE, "long_document_memory.py"), "--worker", "--variant", variant,
-           "--length", str(length), "--ids-file", ids_file, "--device", args.device, "--dtype", args.dtype,
-           "-L", str(args.segment_length), "-j", str(args.representation_length), "-k", str(args.sensory),
-           "-N", str(args.num_memory)]
-    if args.backbone:
-        cmd += ["--backbone", args.backbone]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    return cmd
+def worker_command(args, run: tuple[str, int], ids_file: str) -> list[str]:
+    variant, length = run
+    return [sys.executable, os.path.join(HERE, "long_document_memory.py"), "--worker", "--variant", variant,
+            "--length", str(length), "--ids-file", ids_file, *model_argv(args)]
 
 
-def collect(variant: str, length: int, proc: subprocess.CompletedProcess) -> dict:
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout)[-1500:]
-        print(f"  {variant} @ {length}: FAILED (exit {proc.returncode})\n{tail}", flush=True)
-        return {"variant": variant, "tokens": length, "error": tail, "returncode": proc.returncode}
-    result = json.loads(lines[-1][len("RESULT "):])
+def report(run: tuple[str, int], result: dict, seconds: float) -> None:
+    variant, length = run
     line = (f"  {variant:>18} @ {length:>6}: peak RSS {result['peak_rss_bytes'] / MiB:8.1f} MiB, "
             f"working {result['working_bytes'] / MiB:8.1f} MiB, {result['seconds']:.1f}s")
     if "cuda_max_allocated_bytes" in result:
         line += f", CUDA max allocated {result['cuda_max_allocated_bytes'] / MiB:.1f} MiB"
     print(line, flush=True)
-    return result
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print_result(worker(args))
         return {"ok": True}
 
     import hmt
@@ -218,33 +196,12 @@ def main(argv=None) -> dict:
         print(f"  workers run with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}")
     print(f"  {len(runs)} runs, {jobs} at a time, {args.threads or 'default'} thread(s) each "
           "(the seconds below are indicative only when runs share the CPU)")
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ids_file = os.path.join(tmp, "ids.pt")
-        torch.save(ids, ids_file)
-        # longest first, so that parallel workers finish together
-        cost = {"hmt": 1.0, "plain_segments": 0.7}
-        pending = sorted(runs, key=lambda r: -r[1] * cost.get(r[0], 0.6))
-        running = []
-        while pending or running:
-            while pending and len(running) < jobs:
-                variant, n = pending.pop(0)
-                cmd = worker_command(args, variant, n, ids_file)
-                logs = [open(os.path.join(tmp, f"{variant}-{n}.{name}"), "w+") for name in ("out", "err")]
-                env = dict(os.environ)
-                if args.malloc_mmap_threshold:
-                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-                proc = subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True, env=env)
-                running.append((variant, n, proc, logs))
-            time.sleep(0.2)
-            for item in list(running):
-                variant, n, proc, logs = item
-                if proc.poll() is not None:
-                    out, err = [(f.seek(0), f.read(), f.close())[1] for f in logs]
-                    results[(variant, n)] = collect(
-                        variant, n, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-                    running.remove(item)
-    results = [results[r] for r in runs]
+    cost = {"hmt": 1.0, "plain_segments": 0.7}  # longest first, so that parallel workers finish together
+    order = sorted(runs, key=lambda r: -r[1] * cost.get(r[0], 0.6))
+    results = run_workers(order, lambda run, ids_file: worker_command(args, run, ids_file), ids, jobs=jobs,
+                          env=worker_env(MALLOC_MMAP_THRESHOLD_=args.malloc_mmap_threshold or None),
+                          label=lambda run: f"{run[0]} @ {run[1]}", done=report)
+    results = [{"variant": r[0], "tokens": r[1], **results[r]} if "error" in results[r] else results[r] for r in runs]
 
     ok = [r for r in results if "error" not in r]
     cuda = any("cuda_max_allocated_bytes" in r for r in ok)

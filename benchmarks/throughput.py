@@ -44,7 +44,8 @@ import hmt
 from hmt import HMT
 from hmt import backbone as bb
 
-from _common import document_ids, environment, hmt_from_args, median, parse_dtype, pick_device, synchronize, table, write_json
+from _common import (add_model_arguments, document_ids, environment, hmt_from_args, median, parse_dtype, pick_device,
+                     synchronize, table, write_json)
 
 IGNORE_INDEX = -100
 VARIANTS = ("hmt", "plain_model", "plain_direct")
@@ -184,21 +185,13 @@ def run_plain_direct(backbone, ids: torch.Tensor, L: int, mode: str):
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default=None, help="backbone name or path (default: SmolLM2-135M)")
+    add_model_arguments(p, threads_help="torch.set_num_threads on CPU (default 1: on a shared machine two threads "
+                        "stall each other at every barrier and the timings swing 2-10x; 0 = torch's default)")
     p.add_argument("--tokens", type=int, default=4096, help="document length in tokens (default 4096)")
-    p.add_argument("--segment-length", "-L", type=int, default=256)
-    p.add_argument("--representation-length", "-j", type=int, default=128)
-    p.add_argument("--sensory", "-k", type=int, default=32)
-    p.add_argument("--num-memory", "-N", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds on a 2-segment document")
     p.add_argument("--mode", choices=("score", "logits"), default="score",
                    help="score: labels=ids, return_logits=False (default); logits: keep full logits")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads on CPU (default 1: on a shared machine two threads stall "
-                   "each other at every barrier and the timings swing 2-10x; 0 = torch's default)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="clock of the headline ratio and the breakdown: wall time, or this process's CPU "
                    "time (robust to other processes on a shared CPU; best with --threads 1). "

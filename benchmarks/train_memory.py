@@ -41,9 +41,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +54,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from _common import (  # noqa: E402
-    MemoryWatch, document_ids, environment, parse_dtype, pick_device, synchronize, table, write_json,
+    MemoryWatch, add_model_arguments, add_worker_arguments, document_ids, environment, model_argv, parse_dtype,
+    pick_device, print_result, run_workers, synchronize, table, worker_env, write_json,
 )
 
 
@@ -135,12 +134,9 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------- parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default=None, help="backbone name or path (default: SmolLM2-135M)")
+    add_model_arguments(p, segment_length=128, representation_length=None,
+                        threads_help="torch.set_num_threads in each worker")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 15], help="unroll depths S (segments)")
-    p.add_argument("--segment-length", "-L", type=int, default=128)
-    p.add_argument("--representation-length", "-j", type=int, default=None, help="default L // 2")
-    p.add_argument("--sensory", "-k", type=int, default=32)
-    p.add_argument("--num-memory", "-N", type=int, default=300)
     p.add_argument("--batch-size", "-B", type=int, default=1)
     p.add_argument("--trainable", default="lora", choices=["memory", "lora", "full"],
                    help="what trains besides HMT's own parameters (as TrainConfig.trainable)")
@@ -148,9 +144,6 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="checkpoint_segments modes to run")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each worker")
     p.add_argument("--jobs", type=int, default=1,
                    help="workers at once (peak RSS is per process, so side-by-side runs do not mix their "
                    "memory figures, but their seconds then share the CPU). Default 1")
@@ -160,55 +153,35 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
     p.add_argument("--replot", metavar="PATH", help="print the tables again from a JSON file this script wrote; run nothing")
     # internal: one measurement in this process
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_arguments(p)
     p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.depths, args.segment_length, args.sensory = [1, 2], 32, 8
     return args
 
 
-def worker_command(args, depth: int, checkpoint: bool, ids_file: str) -> list[str]:
+def worker_command(args, run: tuple[int, bool], ids_file: str) -> list[str]:
+    depth, checkpoint = run
     cmd = [sys.executable, os.path.join(HERE, "train_memory.py"), "--worker", "--depth", str(depth),
-           "--ids-file", ids_file, "--device", args.device, "--dtype", args.dtype, "-L", str(args.segment_length),
-           "-k", str(args.sensory), "-N", str(args.num_memory), "-B", str(args.batch_size),
-           "--trainable", args.trainable, "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
-           "--threads", str(args.threads)]
-    if args.representation_length:
-        cmd += ["-j", str(args.representation_length)]
-    if args.backbone:
-        cmd += ["--backbone", args.backbone]
-    if checkpoint:
-        cmd.append("--checkpoint")
-    return cmd
+           "--ids-file", ids_file, *model_argv(args), "-B", str(args.batch_size), "--trainable", args.trainable,
+           "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
+    return cmd + ["--checkpoint"] if checkpoint else cmd
 
 
-def worker_env(args) -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if not args.keep_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    return env
+def run_name(run: tuple[int, bool]) -> str:
+    depth, checkpoint = run
+    return f"S={depth:>2} checkpoint={'on ' if checkpoint else 'off'}"
 
 
-def collect(depth: int, checkpoint: bool, proc: subprocess.CompletedProcess) -> dict:
-    name = f"S={depth:>2} checkpoint={'on ' if checkpoint else 'off'}"
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout)[-1500:]
-        print(f"  {name}: FAILED (exit {proc.returncode})\n{tail}", flush=True)
-        return {"depth": depth, "checkpoint_segments": checkpoint, "error": tail, "returncode": proc.returncode}
-    r = json.loads(lines[-1][len("RESULT "):])
-    line = (f"  {name}: {r['tokens']:>5} tokens, working {r['working_bytes'] / MiB:8.1f} MiB, "
+def report(run: tuple[int, bool], r: dict, seconds: float) -> None:
+    line = (f"  {run_name(run)}: {r['tokens']:>5} tokens, working {r['working_bytes'] / MiB:8.1f} MiB, "
             f"peak RSS {r['peak_rss_bytes'] / MiB:8.1f} MiB, {r['seconds']:6.1f} s, loss {r['loss']:.6f}, "
             f"|grad| {r['grad_norm']:.6g}")
     if "cuda_max_allocated_bytes" in r:
         line += f", CUDA working {r['cuda_working_bytes'] / MiB:.1f} MiB (max allocated {r['cuda_max_allocated_bytes'] / MiB:.1f})"
     print(line, flush=True)
-    return r
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -225,7 +198,7 @@ def slope(points: list[tuple[float, float]]) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print_result(worker(args))
         return {"ok": True}
 
     if args.replot:
@@ -256,27 +229,13 @@ def main(argv=None) -> dict:
           f"trainable={args.trainable}; device {device}, {args.dtype}; one subprocess per run, {args.jobs} at a time, "
           f"{args.threads} thread(s) each; text: Python stdlib source", flush=True)
 
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ids_file = os.path.join(tmp, "ids.pt")
-        torch.save(ids, ids_file)
-        pending = sorted(runs, key=lambda r: -r[0]) if args.jobs > 1 else list(runs)  # parallel: longest first
-        running = []
-        env = worker_env(args)
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                depth, flag = pending.pop(0)
-                logs = [open(os.path.join(tmp, f"{depth}-{int(flag)}.{n}"), "w+") for n in ("out", "err")]
-                proc = subprocess.Popen(worker_command(args, depth, flag, ids_file), stdout=logs[0], stderr=logs[1],
-                                        text=True, env=env)
-                running.append((depth, flag, proc, logs))
-            time.sleep(0.2)
-            for item in list(running):
-                depth, flag, proc, logs = item
-                if proc.poll() is not None:
-                    out, err = [(f.seek(0), f.read(), f.close())[1] for f in logs]
-                    results[(depth, flag)] = collect(depth, flag, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-                    running.remove(item)
+    order = sorted(runs, key=lambda r: -r[0]) if args.jobs > 1 else list(runs)  # parallel: longest first
+    env = worker_env(OMP_NUM_THREADS=args.threads, OMP_WAIT_POLICY="PASSIVE",
+                     MALLOC_MMAP_THRESHOLD_=None if args.keep_malloc else 65536)
+    results = run_workers(order, lambda run, ids_file: worker_command(args, run, ids_file), ids, jobs=args.jobs,
+                          env=env, label=run_name, done=report)
+    results = {run: {"depth": run[0], "checkpoint_segments": run[1], **r} if "error" in r else r
+               for run, r in results.items()}
 
     report_and_save(args, results, runs, flags, device)
 
