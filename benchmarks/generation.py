@@ -34,8 +34,8 @@ torch.no_grad, greedy decoding, real text (Python standard-library source) as pr
      plain_prompt   the same loop over the whole prompt (context T+i): what decoding this
                     prompt with the plain backbone costs (needs T+L <= its position limit).
 
-   Where the time goes: each step is classified from the calls HMT's decoder
-   (``hmt.generation._Decoder``) makes (wrapped, not changed): "close + reopen" / "close +
+   Where the time goes: each step is classified from the calls HMT's decode loop
+   (``hmt.generation._DecodeBatch``) makes (wrapped, not changed): "close + reopen" / "close +
    recompute" (the segment-closing step), "recompute" (the augmented prefix run again,
    exact mode, t < j), "P final: reopen" (t = j: the prefix once more, keeping its KV
    cache), "cached" (one KV-cached position); per step the time in the incremental
@@ -64,7 +64,7 @@ torch.no_grad, greedy decoding, real text (Python standard-library source) as pr
    ``generate`` on the batch (one batched backbone call per kind of step) and on each row
    alone (the decode times of the B calls summed), in exact and fast mode; the plain
    backbone's own greedy KV-cached loop on the batch (B rows of k+1 tokens, as
-   plain_matched) and on each row alone. Decode time runs from the end of the decoder's
+   plain_matched) and on each row alone. Decode time runs from the end of the decode
    set-up (the open segments' prefill) to the end of its last step. Reported: tokens/s,
    HMT's speed-up batch B vs B x 1, the plain backbone's, and HMT / plain time at batch B,
    and whether the batch rows equal the rows alone.
@@ -155,7 +155,7 @@ class Stamps:
 
 
 class StreamProbe:
-    """Wraps the methods of HMT's decoder (``hmt.generation._Decoder``) and the memory
+    """Wraps the methods of HMT's decode loop (``hmt.generation._DecodeBatch``) and the memory
     search to log what each decode step did; nothing in hmt is changed.
 
     Per step: its kind and the time spent in each wrapped call. ``encode`` (the incremental
@@ -170,7 +170,7 @@ class StreamProbe:
     def __init__(self, model, device: torch.device):
         from hmt import generation
 
-        self.cls = generation._Decoder
+        self.cls = generation._DecodeBatch
         self.model, self.device = model, device
         self.events: list[tuple[str, int, float, float, float, float]] = []  # name, depth, start/end wall, cpu
         self.depth = 0
@@ -239,13 +239,13 @@ class StreamProbe:
 
 
 class DecodeClock:
-    """Decode time of a (batched) ``generate``: from the end of the decoder's set-up (the
-    open segments' prefill) to the end of its last step; wraps ``hmt.generation._Decoder``."""
+    """Decode time of a (batched) ``generate``: from the end of the decode set-up (the
+    open segments' prefill) to the end of its last step; wraps ``hmt.generation._DecodeBatch``."""
 
     def __init__(self, device: torch.device):
         from hmt import generation
 
-        self.cls, self.device = generation._Decoder, device
+        self.cls, self.device = generation._DecodeBatch, device
         self.marks: list[tuple[float, float]] = []
 
     def _now(self) -> tuple[float, float]:
@@ -256,12 +256,12 @@ class DecodeClock:
         clock = self
         self.init, self.advance = self.cls.__init__, self.cls.advance
 
-        def init(decoder, *args, **kwargs):
-            clock.init(decoder, *args, **kwargs)
+        def init(batch, *args, **kwargs):
+            clock.init(batch, *args, **kwargs)
             clock.marks.append(clock._now())
 
-        def advance(decoder, *args, **kwargs):
-            clock.advance(decoder, *args, **kwargs)
+        def advance(batch, *args, **kwargs):
+            clock.advance(batch, *args, **kwargs)
             clock.marks.append(clock._now())
 
         self.cls.__init__, self.cls.advance = init, advance
@@ -313,8 +313,9 @@ def run_plain(backbone, prompt_ids, steps: int, device):
     """Greedy decoding with the backbone's own KV cache: L steps, each one token per row in,
     logits out (``prompt_ids (B, n)``: B rows of the same length decode as one batch)."""
     from hmt import backbone as bb
+    from hmt import kv_cache
 
-    name = bb.cache_argument(bb.unwrap(backbone))
+    name = kv_cache.cache_argument(bb.unwrap(backbone))
     stamps = Stamps(device)
     out = backbone(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
     cache, logits = out[name], out.logits[:, -1]
