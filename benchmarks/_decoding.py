@@ -115,7 +115,7 @@ class Stamps:
 @contextlib.contextmanager
 def wrapped_methods(cls: type, wrappers: dict[str, Callable[[Callable], Callable]]):
     """Inside the block, ``cls.name`` is ``wrappers[name](the original)``; the originals are back
-    on exit, on an exception too. For HMT's decoder (``hmt.generation._Decoder``), which has no
+    on exit, on an exception too. For HMT's decoder (``hmt.generation._DecodeBatch``), which has no
     hooks: every decoder built inside the block is timed, nothing in hmt is changed."""
     originals = {name: cls.__dict__[name] for name in wrappers}  # the class's own entries, put back as they were
     try:
@@ -146,7 +146,7 @@ class DecodeClock:
     def __enter__(self) -> "DecodeClock":
         from hmt import generation
 
-        self._scope = wrapped_methods(generation._Decoder, {"__init__": self._stamp_after, "advance": self._stamp_after})
+        self._scope = wrapped_methods(generation._DecodeBatch, {"__init__": self._stamp_after, "advance": self._stamp_after})
         self._scope.__enter__()
         return self
 
@@ -183,8 +183,9 @@ def run_plain(backbone, prompt_ids: torch.Tensor, steps: int, device: torch.devi
     """Greedy decoding with the backbone's own KV cache: ``steps`` steps, each one token per row
     in, logits out (``prompt_ids (B, n)``: B rows of the same length decode as one batch)."""
     from hmt import backbone as bb
+    from hmt import kv_cache
 
-    name = bb.cache_argument(bb.unwrap(backbone))
+    name = kv_cache.cache_argument(bb.unwrap(backbone))
     stamps = Stamps(device)
     out = backbone(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
     cache, logits = out[name], out.logits[:, -1]

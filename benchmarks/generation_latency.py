@@ -12,7 +12,7 @@ prefill is excluded on both sides. Variants, interleaved in a rotating order per
                  context length as HMT's augmented segment): the headline baseline
   plain_prompt   the same loop over the whole prompt
 
-Each HMT step is classified from the calls of HMT's decoder (``hmt.generation._Decoder``,
+Each HMT step is classified from the calls of HMT's decoder (``hmt.generation._DecodeBatch``,
 wrapped for the run only; the memory search timed with module hooks), and exact mode's lowest
 possible ratio is computed from the measured per-step costs. CPU time is the headline on a
 CPU device (--clock), wall time on CUDA. benchmarks/README.md has the details and figures.
@@ -95,7 +95,7 @@ class StreamProbe:
         from hmt import generation
 
         self._scope = contextlib.ExitStack()
-        self._scope.enter_context(wrapped_methods(generation._Decoder, {n: self._timed(n) for n in self.NAMES}))
+        self._scope.enter_context(wrapped_methods(generation._DecodeBatch, {n: self._timed(n) for n in self.NAMES}))
         search = self.model.memory_search
         self._scope.callback(search.register_forward_pre_hook(self._search_started).remove)
         self._scope.callback(search.register_forward_hook(self._search_done).remove)

@@ -63,7 +63,7 @@ def run_variant(variant: str, model, backbone, bb, config, ids: torch.Tensor) ->
         out = backbone(input_ids=ids, labels=ids, use_cache=False)
         return float(out.loss) * (T - 1), T - 1
     if variant == "plain_full_chunked":
-        hidden = bb.decoder(backbone)(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = bb.decoder_stack(backbone)(input_ids=ids, use_cache=False).last_hidden_state
         targets = torch.cat([ids[:, 1:], ids.new_full((1, 1), IGNORE_INDEX)], dim=1)
         total = hidden.new_zeros((), dtype=torch.float32)
         L = config.segment_length

@@ -83,7 +83,7 @@ class Breakdown:
         self.positions[key] += positions
 
     def install(self) -> None:
-        decoder = bb.decoder(self.model.backbone)
+        stack = bb.decoder_stack(self.model.backbone)
         head = bb.unwrap(self.model.backbone).get_output_embeddings()
 
         def dec_key():
@@ -117,8 +117,8 @@ class Breakdown:
             return pre, post
 
         self._handles += [
-            decoder.register_forward_pre_hook(dec_pre, with_kwargs=True),
-            decoder.register_forward_hook(dec_post, with_kwargs=True),
+            stack.register_forward_pre_hook(dec_pre, with_kwargs=True),
+            stack.register_forward_hook(dec_post, with_kwargs=True),
             self.model.representation_encoder.register_forward_pre_hook(enc_pre),
             self.model.representation_encoder.register_forward_hook(enc_post),
         ]

@@ -32,7 +32,7 @@ class HostReads(TorchFunctionMode):
     def __init__(self, model: HMT):
         super().__init__()
         self.count, self.depth = 0, 0
-        stack = bb.decoder(model.backbone)
+        stack = bb.decoder_stack(model.backbone)
         self.handles = [stack.register_forward_pre_hook(lambda *a: self._enter(1)),
                         stack.register_forward_hook(lambda *a: self._enter(-1))]
 

@@ -248,7 +248,7 @@ def test_batch_when_caches_cannot_be_padded(exact, monkeypatch):
     """Caches a lane cannot pad (other layer types): rows share a lane only with the rows that
     started it together (rows 1 and 3 here, in step), and still decode as alone, also when
     one of those stops."""
-    from hmt import generation
+    from hmt import kv_cache
 
     model = build("llama")
     ids, mask, rows = ragged_batch([3, 11, 6, 19], seed=40)
@@ -257,7 +257,7 @@ def test_batch_when_caches_cannot_be_padded(exact, monkeypatch):
              .sequences[0, len(r):].tolist() for r in rows]
     eos = alone[1][L + 2]  # row 1 stops in its second decoded segment (row 3 unless it meets it)
     expected = [a[: a.index(eos) + 1] + [0] * (steps - a.index(eos) - 1) if eos in a else a for a in alone]
-    monkeypatch.setattr(generation, "_paddable", lambda cache: False)
+    monkeypatch.setattr(kv_cache, "stackable", lambda cache: False)
     out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(len(rows)), max_new_tokens=steps,
                          exact_retrieval=exact, eos_token_id=eos, pad_token_id=0)
     new = out.sequences[:, ids.shape[1]:].tolist()
@@ -266,7 +266,7 @@ def test_batch_when_caches_cannot_be_padded(exact, monkeypatch):
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 def test_stopped_rows_cost_nothing(exact, monkeypatch):
-    """A row that meets eos takes part in no later backbone call of the decoder."""
+    """A row that meets eos takes part in no later backbone call of the decode loop."""
     from hmt import generation
 
     model = build("llama")
@@ -286,8 +286,8 @@ def test_stopped_rows_cost_nothing(exact, monkeypatch):
 
     spy(generation._Lanes, "step", lambda inputs: inputs)  # cached steps, encoding steps
     for name in ("_recompute", "_reopen", "_search_once"):
-        spy(generation._Decoder, name, lambda rows: rows)
-    spy(generation._Decoder, "advance", lambda tokens, *rest: step.__setitem__(0, step[0] + 1) or ())
+        spy(generation._DecodeBatch, name, lambda rows: rows)
+    spy(generation._DecodeBatch, "advance", lambda tokens, *rest: step.__setitem__(0, step[0] + 1) or ())
     out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(3), max_new_tokens=2 * L,
                          exact_retrieval=exact, eos_token_id=eos, pad_token_id=0)
     new = out.sequences[1, ids.shape[1]:].tolist()

@@ -34,7 +34,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def decoder(model: nn.Module) -> nn.Module:
+def decoder_stack(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM, whose output is the LM head's input."""
     model = unwrap(model)
     stack = getattr(model, "base_model", None)
@@ -78,7 +78,7 @@ def final_hidden(
     position_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Last-layer hidden states ``(B, T, d)`` of the decoder stack; no LM head, no other layers."""
-    out = decoder(model)(
+    out = decoder_stack(model)(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -86,13 +86,6 @@ def final_hidden(
         return_dict=True,
     )
     return out.last_hidden_state
-
-
-def cache_argument(stack: nn.Module) -> str:
-    """The decoder's KV-cache argument: ``cache`` in transformers 5.x, ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(stack.forward).parameters else "past_key_values"
 
 
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

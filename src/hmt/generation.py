@@ -21,17 +21,16 @@ off the cache again. The result equals, token for token, running a full
 decoding searches the cache once, queried with the latest tokens available (the sensory
 tokens and what the segment holds), and the whole segment decodes from the KV cache.
 
-Batched decoding. Every row is its own stream (:class:`_Row`: closed-segment memory plus
-the open segment's ids), but the backbone runs once per kind of work per step, for all
-rows that need it:
+Batched decoding (:class:`_DecodeBatch`). Every row is its own stream (:class:`_Row`:
+closed-segment memory plus the open segment's ids), but the backbone runs once per kind of
+work per step, for all rows that need it:
 
-* A :class:`_Lane` is one batched KV cache shared by several rows. Each row's entries are
-  right-aligned (left-padded with zero keys/values that a 2-D attention mask hides) and its
-  position ids start at 0 at its own first position, so every row computes what it would
-  alone. Rows join with the cache of their own prefix run (the lane and the newcomers are
-  padded to the wider of the two) and leave by an index select, after which the padding
-  that every remaining row shares is trimmed. Sliding-window layers hold only their window;
-  the lane keeps their length bookkeeping equal to its width.
+* A :class:`_Lane` is one batched KV cache shared by several rows, padded as
+  :mod:`hmt.kv_cache` describes (each row right-aligned, its padding masked, its position ids
+  from 0), so every row computes what it would alone. Rows join with the cache of their own
+  prefix run (the lane and the newcomers are padded to the wider of the two) and leave by an
+  index select, after which the padding that every remaining row shares is trimmed. The
+  lane keeps the rows' lengths; :mod:`hmt.kv_cache` does everything to the cache itself.
 * The *decode lane* holds ``[P_n | sensory | E_open]`` of every row whose P_n is final. One
   call per step feeds each of them its new token -- or, for a row whose segment is full,
   its P_n: that is the trailing memory token that closes the segment ("last" extraction).
@@ -47,9 +46,9 @@ rows that need it:
 * Closing with a pooled extraction strategy recomputes the segment per row (once per L
   tokens). A row that stops (eos) leaves its lanes and costs nothing further.
 
-A cache whose layers are not plain dynamic (or dynamic sliding-window) layers cannot be
-padded this way; rows then share a lane only with the rows that started it together (of
-one length), and a lane of one row costs one call per step.
+A cache that is not :func:`hmt.kv_cache.stackable` (layers other than plain dynamic or dynamic
+sliding-window ones) cannot be padded this way; rows then share a lane only with the rows
+that started it together (of one length), and a lane of one row costs one call per step.
 """
 
 from __future__ import annotations
@@ -59,9 +58,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import backbone as bb
+from . import kv_cache as kv
 from .layout import run_packed
 from .memory import MemoryState
 
@@ -81,66 +80,8 @@ class GenerateOutput:
 
 
 # ============================================================================ KV lanes
-def _decoder(backbone, embeds, positions, cache, use_cache: bool, attention_mask=None):
-    """Decoder stack over ``embeds`` with an optional KV cache (transformers 4.x and 5.x names)."""
-    stack = bb.decoder(backbone)
-    name = bb.cache_argument(stack)
-    out = stack(inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask, use_cache=use_cache,
-                return_dict=True, **{name: cache})
-    return out.last_hidden_state, (out[name] if use_cache else None)
-
-
-def _layers(cache) -> list:
-    """The per-layer caches (self-attention ones for an encoder-decoder cache); [] if not layered."""
-    cache = getattr(cache, "self_attention_cache", cache)
-    return list(getattr(cache, "layers", None) or [])
-
-
-def _paddable(cache) -> bool:
-    """Whether a lane can pad and stack this cache: plain dynamic (sliding-window) layers only."""
-    try:
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-    except ImportError:  # transformers without per-layer caches
-        return False
-    layers = _layers(cache)
-    return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
-
-
-def _held(layer, width: int) -> int:
-    """Entries a layer holds for a lane ``width`` positions wide (a sliding window keeps W - 1)."""
-    return min(width, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else width
-
-
-def _fit(layer, width: int, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of ``layer`` (``rows`` of them) right-aligned to a lane ``width`` wide."""
-    out = []
-    for t in (layer.keys, layer.values):
-        t = t if rows is None else t.index_select(0, rows)
-        n, have = _held(layer, width), t.shape[-2]
-        out.append(F.pad(t, (0, 0, n - have, 0)) if have < n else t[..., have - n :, :])
-    return out[0], out[1]
-
-
-def _set_width(layer, width: int) -> None:
-    if getattr(layer, "is_sliding", False):
-        layer.cumulative_length = width  # the positions seen, as the masks read them
-
-
-def _can_crop(backbone, length: int) -> bool:
-    """Whether a KV cache over ``length`` positions can drop its last one again. A sliding window
-    shorter than that forgets entries unless its layers record the past (transformers 5.x)."""
-    window = getattr(bb.text_config(backbone), "sliding_window", None)
-    if not isinstance(window, int) or window >= length:
-        return True
-    try:
-        from transformers.cache_utils import DynamicSlidingWindowLayer
-    except ImportError:
-        return False
-    return hasattr(DynamicSlidingWindowLayer, "activate_past_recording")
-
-
 class _Lane:
-    """Rows that decode from one batched KV cache (see the module docstring).
+    """Rows that decode from one batched KV cache (see the module docstring and :mod:`hmt.kv_cache`).
 
     ``keep_past``: sliding-window layers keep every entry until :meth:`crop` (the encoding
     lane crops its trailing T after each step, which must not cost a window entry).
@@ -151,30 +92,22 @@ class _Lane:
         self.device = bb.unwrap(backbone).get_input_embeddings().weight.device
         self.cache, self.width = cache, length
         self.rows, self.lengths = list(rows), [length] * len(rows)  # stream ids in batch order, real positions
-        self.shared = _paddable(cache)  # else the lane keeps the rows it started with, all of one length
-        self._record()
+        self.shared = kv.stackable(cache)  # else the lane keeps the rows it started with, all of one length
+        self._keep_past()
 
-    def _record(self) -> None:
+    def _keep_past(self) -> None:
         if self.keep_past:
-            for layer in _layers(self.cache):
-                if hasattr(layer, "activate_past_recording"):
-                    layer.activate_past_recording()
+            kv.keep_past(self.cache)
 
     def join(self, rows: list[int], cache, length: int) -> bool:
         """Take ``rows`` with their ``cache`` of ``length`` positions each; False if they cannot share."""
-        if not (self.shared and _paddable(cache)):
+        if not (self.shared and kv.stackable(cache)):
             return False
-        width = max(self.width, length)
-        for mine, theirs in zip(_layers(self.cache), _layers(cache)):
-            if mine.keys is None or theirs.keys is None:  # a layer without a cache of its own
-                continue
-            (k0, v0), (k1, v1) = _fit(mine, width), _fit(theirs, width)
-            mine.keys, mine.values = torch.cat([k0, k1]), torch.cat([v0, v1])
-            _set_width(mine, width)
-        self.width = width
+        self.width = max(self.width, length)
+        kv.stack(self.cache, cache, self.width)
         self.rows += rows
         self.lengths += [length] * len(rows)
-        self._record()
+        self._keep_past()
         return True
 
     def drop(self, rows) -> None:
@@ -186,32 +119,23 @@ class _Lane:
         if not keep:
             return
         index = torch.tensor(keep, device=self.device)
-        if not self.shared:  # one length: nothing to trim
-            self.cache.batch_select_indices(index)
-            return
-        width = max(self.lengths)
-        for layer in _layers(self.cache):
-            if layer.keys is not None:
-                layer.keys, layer.values = _fit(layer, width, index)
-                _set_width(layer, width)
-        self.width = width
+        if self.shared:  # trim the padding every remaining row shares
+            self.width = max(self.lengths)
+            kv.select_rows(self.cache, index, self.width)
+        else:  # one length: nothing to trim
+            kv.select_rows(self.cache, index)
 
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
         """Feed ``embeds (n, q, d)`` (one row each, in lane order); return their hidden states."""
         q = embeds.shape[1]
-        lengths = torch.tensor(self.lengths, device=embeds.device).view(-1, 1)
-        positions = lengths + torch.arange(q, device=embeds.device)
-        mask = None
-        if any(n != self.width for n in self.lengths):  # left padding to hide
-            mask = (torch.arange(self.width + q, device=embeds.device) >= self.width - lengths).long()
-        hidden, self.cache = _decoder(self.backbone, embeds, positions, self.cache, True, mask)
+        hidden, self.cache = kv.step(self.backbone, self.cache, embeds, self.lengths, self.width)
         self.width += q
         self.lengths = [n + q for n in self.lengths]
         return hidden
 
     def crop(self, q: int) -> None:
         """Remove the last ``q`` positions of every row."""
-        self.cache.crop(-q)
+        kv.crop(self.cache, q)
         self.width -= q
         self.lengths = [n - q for n in self.lengths]
 
@@ -275,17 +199,18 @@ class _Row:
     logits: Optional[torch.Tensor] = None  # (V,) predicting the next token
 
 
-class _Decoder:
-    """Every row's decoding state; :meth:`advance` takes one token per active row."""
+class _DecodeBatch:
+    """The streams of one ``generate`` call decoding together: every row's state and the lanes
+    they share; :meth:`advance` takes one token per active row."""
 
     def __init__(self, model: "HMT", states: list[MemoryState], open_ids: list[list[int]], exact: bool = True):
         self.model, self.exact = model, exact
         self.rows = [_Row(state, list(ids)) for state, ids in zip(states, open_ids)]
         if any(not row.open_ids for row in self.rows):
             raise ValueError("every stream needs an open segment to decode from")
-        self.decode = _Lanes(model.backbone)  # [P_n | sensory | E_open], P_n final
-        self.encode = _Lanes(model.backbone, keep_past=True)  # [T | E_0 .. E_{t-2}], P_n not final
-        self.incremental = _can_crop(model.backbone, model.config.representation_length + 2)
+        self.decode_lanes = _Lanes(model.backbone)  # [P_n | sensory | E_open], P_n final
+        self.encoding_lanes = _Lanes(model.backbone, keep_past=True)  # [T | E_0 .. E_{t-2}], P_n not final
+        self.incremental = kv.can_crop(model.backbone, model.config.representation_length + 2)
         self._refresh(list(range(len(self.rows))))
 
     # ---------------------------------------------------------------- helpers
@@ -315,14 +240,15 @@ class _Decoder:
         model = self.model
         L = model.config.segment_length
         closing = {r for r in tokens if len(self.rows[r].open_ids) == L}
-        by_lane = {r for r in closing if r in self.decode and model.config.extraction_strategy == "last"}
+        by_lane = {r for r in closing if r in self.decode_lanes and model.config.extraction_strategy == "last"}
         # rows that need no cached step now leave the decode lane first
-        self.decode.drop([r for r in self.decode.rows if (r in stopping or r in closing) and r not in by_lane])
-        self.encode.drop([r for r in self.encode.rows if r in stopping])
-        hidden = self._cached_step(tokens, by_lane) if self.decode.rows else {}
+        leaving = [r for r in self.decode_lanes.rows if (r in stopping or r in closing) and r not in by_lane]
+        self.decode_lanes.drop(leaving)
+        self.encoding_lanes.drop([r for r in self.encoding_lanes.rows if r in stopping])
+        hidden = self._cached_step(tokens, by_lane) if self.decode_lanes.rows else {}
         if closing:
-            self.decode.drop(closing)
-            self.encode.drop(closing)
+            self.decode_lanes.drop(closing)
+            self.encoding_lanes.drop(closing)
             for r in sorted(closing):
                 self._close(r, hidden.get(r) if r in by_lane else None)
         for r, token in tokens.items():
@@ -332,15 +258,15 @@ class _Decoder:
             logits = bb.lm_logits(model.backbone, torch.stack([hidden[r] for r in cached]))
             for r, row_logits in zip(cached, logits):
                 self.rows[r].logits = row_logits
-        self._refresh([r for r in tokens if r not in stopping and r not in self.decode])
+        self._refresh([r for r in tokens if r not in stopping and r not in self.decode_lanes])
 
     def _cached_step(self, tokens: dict[int, int], closing: set[int]) -> dict[int, torch.Tensor]:
         """One batched KV-cached step over the decode lane: each row's token, or its P_n
         (the trailing memory token) where the row closes its segment; last hidden states."""
-        lane_rows = self.decode.rows
+        lane_rows = self.decode_lanes.rows
         embeds = self._embed([tokens[r] for r in lane_rows])
         inputs = {r: (self.rows[r].memory_token if r in closing else embeds[i : i + 1]) for i, r in enumerate(lane_rows)}
-        return {r: h[-1] for r, h in self.decode.step(inputs).items()}
+        return {r: h[-1] for r, h in self.decode_lanes.step(inputs).items()}
 
     def _close(self, r: int, hidden: Optional[torch.Tensor]) -> None:
         """Close row ``r``'s full open segment as reading would: write m_n, carry sensory, new
@@ -369,7 +295,7 @@ class _Decoder:
             for r, token in zip(searching, recalled.to(model.embedding_layer.weight.dtype)):
                 self.rows[r].memory_token = token.view(1, -1)
                 self.rows[r].final = len(self.rows[r].open_ids) >= j
-            self.encode.drop([r for r in searching if self.rows[r].final])
+            self.encoding_lanes.drop([r for r in searching if self.rows[r].final])
         once = [r for r in rows if r not in searching]
         if once:
             self._search_once(once)
@@ -389,18 +315,18 @@ class _Decoder:
             return model.representation_encoder(model.backbone, model.embedding_layer(ids), lengths)
         prompt = model.representation_encoder.summary_prompt.view(1, 1, -1).to(model.embedding_layer.weight.dtype)
         t = {r: min(len(self.rows[r].open_ids), j) for r in rows}
-        for group in _groups([r for r in rows if r not in self.encode], t.get):
+        for group in _groups([r for r in rows if r not in self.encoding_lanes], t.get):
             n = t[group[0]]
             ids = torch.tensor([self.rows[r].open_ids[: n - 1] for r in group], dtype=torch.long,
                                device=prompt.device).view(len(group), n - 1)
             embeds = torch.cat([prompt.expand(len(group), 1, -1), model.embedding_layer(ids)], dim=1)
             positions = torch.arange(n, device=embeds.device).view(1, -1).expand(len(group), -1)
-            _, cache = _decoder(model.backbone, embeds, positions, None, use_cache=True)
-            self.encode.add(group, cache, n)
+            _, cache = kv.prefill(model.backbone, embeds, positions)
+            self.encoding_lanes.add(group, cache, n)
         newest = self._embed([self.rows[r].open_ids[t[r] - 1] for r in rows]).unsqueeze(1)  # (n, 1, d)
         inputs = torch.cat([newest, prompt.expand(len(rows), 1, -1)], dim=1)
-        hidden = self.encode.step(dict(zip(rows, inputs)))
-        self.encode.crop(1)
+        hidden = self.encoding_lanes.step(dict(zip(rows, inputs)))
+        self.encoding_lanes.crop(1)
         return torch.stack([hidden[r][-1] for r in rows])
 
     def _search_once(self, rows: list[int]) -> None:
@@ -437,11 +363,11 @@ class _Decoder:
         width = {r: 1 + int(self.rows[r].state.sensory_lengths[0]) + len(self.rows[r].open_ids) for r in rows}
         for group in _groups(rows, width.get):
             packed = self._prefix(group)
-            hidden, cache = _decoder(self.model.backbone, packed.embeds, packed.position_ids, None, use_cache=True)
+            hidden, cache = kv.prefill(self.model.backbone, packed.embeds, packed.position_ids)
             logits = bb.lm_logits(self.model.backbone, hidden[:, -1])
             for r, row_logits in zip(group, logits):
                 self.rows[r].logits = row_logits
-            self.decode.add(group, cache, width[group[0]])
+            self.decode_lanes.add(group, cache, width[group[0]])
 
     def _recompute(self, rows: list[int]) -> None:
         """P_n still changes: the rows' prefixes from scratch, no cache, one packed call."""
@@ -544,7 +470,7 @@ def generate(
             row_state = model(chunk, memory_state=row_state, return_logits=False).memory_state
         states.append(row_state)
         open_ids.append(tokens[closed:].tolist())
-    decoder = _Decoder(model, states, open_ids, exact_retrieval)
+    batch = _DecodeBatch(model, states, open_ids, exact_retrieval)
     if streamer is not None and lengths[0]:
         streamer.put(ids[:, : lengths[0]].cpu())
 
@@ -555,7 +481,7 @@ def generate(
         for row in range(B):
             if done[row]:
                 continue
-            scores = decoder.rows[row].logits.float().view(1, -1)
+            scores = batch.rows[row].logits.float().view(1, -1)
             if len(processors):  # only they read the history
                 history = torch.cat([ids[row : row + 1, : lengths[row]], new_tokens[row : row + 1, :step]], dim=1)
                 scores = processors(history, scores)
@@ -569,14 +495,14 @@ def generate(
             if token in eos:
                 done[row] = True
                 stopping.add(row)
-        decoder.advance(tokens, stopping)  # the memory takes every token, the last one too
+        batch.advance(tokens, stopping)  # the memory takes every token, the last one too
         if all(done):
             new_tokens = new_tokens[:, : step + 1]
             break
     if streamer is not None:
         streamer.end()
     model.train(was_training)
-    final = decoder.memory()
+    final = batch.memory()
     if not explicit:
         model.memory_state = final
     return GenerateOutput(sequences=torch.cat([input_ids.to(new_tokens.device), new_tokens], dim=1), memory_state=final)

@@ -213,9 +213,9 @@ def retrieval_loss(
     for row in range(B):
         q = int(queries[row])
         weights = out.retrieval_weights[q][row].float()  # (C,)
-        owners = out.retrieved_segments[q][row]  # (C,)
+        retrieved_segments = out.retrieved_segments[q][row]  # (C,) the segment that wrote each entry
         evidence = int(evidence_segments[row])
-        mask = owners == evidence
+        mask = retrieved_segments == evidence
         if evidence < 0 or weights.numel() == 0 or not bool(mask.any()):  # -1: no known evidence
             continue
         if kind == "mass":

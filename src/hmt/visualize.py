@@ -22,9 +22,9 @@ def retrieval_matrix(output: HMTOutput, row: int = 0) -> np.ndarray:
     pairs = [(w[row].detach().float().cpu(), s[row].cpu()) for w, s in zip(output.retrieval_weights, output.retrieved_segments)]
     width = 1 + max([int(s.max()) for _, s in pairs if s.numel()] + [len(pairs) - 1])
     matrix = np.full((len(pairs), width), np.nan)
-    for i, (weights, owners) in enumerate(pairs):
-        real = owners >= 0
-        matrix[i, owners[real].numpy()] = weights[real].numpy()
+    for i, (weights, retrieved_segments) in enumerate(pairs):
+        real = retrieved_segments >= 0
+        matrix[i, retrieved_segments[real].numpy()] = weights[real].numpy()
     return matrix
 
 
