@@ -369,7 +369,7 @@ def test_memory_step_is_one_segment_of_forward():
         step = model.memory_step(state, ids[:, s : s + L])
         logits.append(model.backbone.get_output_embeddings()(step.hidden))
         state = step.state
-        assert step.weights.shape == step.owners.shape
+        assert step.weights.shape == step.retrieved_segments.shape
     torch.testing.assert_close(torch.cat(logits, 1), whole.logits, **TOL)
     torch.testing.assert_close(state.cache, whole.memory_state.cache, **TOL)
 

@@ -84,7 +84,7 @@ class MemoryStep:
     state: MemoryState  # the memory after the segment
     memory: torch.Tensor  # (B, d) m_n, the memory it wrote
     weights: torch.Tensor  # (B, C) the search's weights over the cache as it stood
-    owners: torch.Tensor  # (B, C) the segment that wrote each cache entry (-1: empty)
+    retrieved_segments: torch.Tensor  # (B, C) the segment that wrote each cache entry (-1: empty)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class _Step:
     state: Optional[MemoryState] = None
     memory: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
-    owners: Optional[torch.Tensor] = None
+    retrieved_segments: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     nll: Optional[torch.Tensor] = None
     count: Optional[torch.Tensor] = None
@@ -364,7 +364,7 @@ class HMT(nn.Module):
         lengths_on_device = mask.sum(1)
         sensory_lens = state.sensory_lengths.tolist() if use_memory else None
         encodings = _SegmentEncodings(self, ids, lengths, state, checkpointing) if use_memory else None
-        logits, weights, owners, memories, seg_nll, seg_count = [], [], [], [], [], []
+        logits, weights, retrieved, memories, seg_nll, seg_count = [], [], [], [], [], []
         for s in range(num_segments):
             seg_ids = ids[:, s * L : (s + 1) * L]
             seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
@@ -388,7 +388,7 @@ class HMT(nn.Module):
                 state = step.state
                 memories.append(step.memory)
                 weights.append(step.weights)
-                owners.append(step.owners)
+                retrieved.append(step.retrieved_segments)
                 if detach_every is not None and (s + 1) % detach_every == 0:
                     state = state.detach()
             if seg_targets is not None:
@@ -405,7 +405,7 @@ class HMT(nn.Module):
         # (out["logits"]) the fields it was built with.
         fields = {"memory_state": state if use_memory else memory_state}
         if use_memory:
-            fields.update(retrieval_weights=weights, retrieved_segments=owners,
+            fields.update(retrieval_weights=weights, retrieved_segments=retrieved,
                           memory_embeddings=torch.stack(memories, dim=1))
         if return_logits:
             logits = torch.cat(logits, dim=1)
@@ -459,8 +459,8 @@ class HMT(nn.Module):
         if use_memory:
             read = self.memory_step(carried.state, seg_ids, seg_lens, summary=carried.summary,
                                     sensory_lengths=carried.sensory_lengths, lengths=carried.lengths, trim=False)
-            hidden, step.state, step.memory, step.weights, step.owners = (
-                read.hidden, read.state, read.memory, read.weights, read.owners)
+            hidden, step.state, step.memory, step.weights, step.retrieved_segments = (
+                read.hidden, read.state, read.memory, read.weights, read.retrieved_segments)
         else:
             hidden = self._plain_segment(seg_ids, seg_lens, carried)
         if want_logits:
@@ -514,14 +514,14 @@ class HMT(nn.Module):
         Returns:
             :class:`MemoryStep`: ``hidden (B, l, d)`` final hidden states of the segment's positions
             (the LM head's input), the next ``state``, the written ``memory (B, d)``, the search
-            ``weights (B, C)`` over the cache as it stood and the ``owners (B, C)`` that wrote it.
+            ``weights (B, C)`` over the cache as it stood and the ``retrieved_segments (B, C)`` that wrote it.
         """
         if seg_lens is None:
             seg_lens = [seg_ids.shape[1]] * seg_ids.shape[0]
         width = seg_ids.shape[1]
         token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
         recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
-        owner = state.cache_segments
+        retrieved_segments = state.cache_segments
         if sensory_lengths is None:
             sensory_lengths = state.sensory_lengths.tolist()
         # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
@@ -535,7 +535,7 @@ class HMT(nn.Module):
         active = lengths > 0
         state = state.push(memory, active, self.config.num_memory_embeddings, trim=trim)
         state = state.with_sensory(seg_ids, lengths, active)
-        return MemoryStep(segment_hidden, state, memory, weights, owner)
+        return MemoryStep(segment_hidden, state, memory, weights, retrieved_segments)
 
     def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int], prefix_ids=None) -> torch.Tensor:
         B, width = seg_ids.shape
