@@ -383,8 +383,8 @@ def train_recall(
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
         optimizer.step()
-        record = {"step": step + 1, "distance": distance, "loss": float(loss), "lm_loss": float(lm_loss),
-                  "retrieval_loss": None if r_loss is None else float(r_loss),
+        record = {"step": step + 1, "distance": distance, "loss": loss.item(), "lm_loss": lm_loss.item(),
+                  "retrieval_loss": None if r_loss is None else r_loss.item(),
                   "seconds": time.perf_counter() - start}
         history.append(record)
         if log is not None and (step + 1) % log_every == 0:
