@@ -29,7 +29,6 @@ loops the benchmark (``benchmarks/memory_recall.py``) and the CI test use.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -37,7 +36,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 KEY, QUERY = 1, 2
@@ -206,8 +204,7 @@ def retrieval_loss(
     if kind not in ("cross_entropy", "mass"):
         raise ValueError(f"kind must be 'cross_entropy' or 'mass', got {kind!r}.")
     B = evidence_segments.shape[0]
-    queries = torch.as_tensor(query_segments).expand(B) if not torch.is_tensor(query_segments) or \
-        query_segments.dim() == 0 else query_segments
+    queries = torch.as_tensor(query_segments).reshape(-1).expand(B)  # an int or (B,): one per example
     losses = []
     for row in range(B):
         q = int(queries[row])
@@ -222,7 +219,7 @@ def retrieval_loss(
             target = mask.float() / mask.sum()
             losses.append(-(target * torch.log(weights.clamp_min(1e-30))).sum())
     if not losses:
-        return out.retrieval_weights[0].new_zeros(()) if out.retrieval_weights[0].numel() else torch.zeros(())
+        return out.retrieval_weights[0].new_zeros(())
     return torch.stack(losses).mean()
 
 
