@@ -14,7 +14,8 @@ same backbone initialisation, sees the same data stream and trains the same numb
 ``--ablations`` adds HMT variants that each change one thing (see ``ABLATIONS``).
 
     python benchmarks/memory_recall.py --json benchmarks/results/memory_recall_cpu.json
-    python benchmarks/memory_recall.py --quick          # a short version (~2 minutes)
+    python benchmarks/memory_recall.py --quick          # a short version (~2 minutes), the CI test's probe
+    python benchmarks/memory_recall.py --variants --ablations all --json benchmarks/results/memory_recall_ablations_cpu.json
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import hmt  # noqa: E402
 from hmt import recall  # noqa: E402
 
 MAIN = ("hmt", "recurrence", "sensory")
+# --quick: the setting of tests/test_memory_recall.py (learns in about 30 s per variant)
+QUICK = dict(steps=800, batch_size=16, digits=1, hidden=32, heads=2, vocab=32, train_distances=[2, 3],
+             eval_examples=200, no_curriculum=True, warmup=20)
 # name -> (what it changes, HMTConfig overrides, RecallTrainConfig overrides)
 ABLATIONS = {
     "no_retrieval_loss": ("HMT without the supervised retrieval loss (LM loss only)", {},
@@ -125,7 +129,10 @@ def table(rows: dict, distances, chance: float, trained) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short version: fewer steps and examples")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short version (about 2 minutes for the three variants): the CI test's probe, a "
+                             "1-digit key (chance 10%%), d=32, 800 steps of batch 16 at distances 2-3; options given "
+                             "explicitly still win")
     parser.add_argument("--variants", nargs="*", default=list(MAIN), choices=list(MAIN))
     parser.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS) + ["all"])
     parser.add_argument("--steps", type=int, default=None)
@@ -152,11 +159,15 @@ def main(argv=None) -> None:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     args.compression = False if args.compression in ("0", "false", "False", "none") else args.compression
     if args.steps is None:
-        args.steps = 300 if args.quick else 2000
+        args.steps = 2000
     if args.eval_examples is None:
-        args.eval_examples = 100 if args.quick else 500
+        args.eval_examples = 500
     if max(args.eval_distances) >= args.cache:
         raise SystemExit(f"--cache {args.cache} must exceed the largest distance {max(args.eval_distances)}.")
     torch.set_num_threads(args.threads)
@@ -168,13 +179,33 @@ def main(argv=None) -> None:
 
     wall = time.perf_counter()
     rows, ablation_rows = {}, {}
+
+    def save() -> None:  # after every row, so a long run can be stopped and keeps what it measured
+        if args.json:
+            result = {
+                "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+                "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                "chance": task.chance,
+                "metric": "teacher-forced exact-answer accuracy (all digits argmax-correct), fraction",
+                "variants": rows,
+                "ablations": ablation_rows,
+                "wall_seconds": round(time.perf_counter() - wall, 1),
+                "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                            "threads": args.threads, "cpu": platform.processor() or platform.machine()},
+            }
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+
     for name in args.variants:
         print(f"{name}:", flush=True)
         rows[name] = run_variant(name, args, {}, {})
+        save()
     for name in ablations:
         what, hmt_overrides, train_overrides = ABLATIONS[name]
         print(f"ablation {name} ({what}):", flush=True)
         ablation_rows[name] = dict(run_variant("hmt", args, hmt_overrides, train_overrides), description=what)
+        save()
     wall = time.perf_counter() - wall
 
     trained = set(args.train_distances)
@@ -187,20 +218,6 @@ def main(argv=None) -> None:
                     args.eval_distances, task.chance, trained))
     print(f"\nwall time {wall:.0f}s")
     if args.json:
-        result = {
-            "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "chance": task.chance,
-            "metric": "teacher-forced exact-answer accuracy (all digits argmax-correct), fraction",
-            "variants": rows,
-            "ablations": ablation_rows,
-            "wall_seconds": round(wall, 1),
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": args.threads, "cpu": platform.processor() or platform.machine()},
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
 
 

@@ -29,7 +29,6 @@ loops the benchmark (``benchmarks/memory_recall.py``) and the CI test use.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -37,7 +36,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 KEY, QUERY = 1, 2
@@ -207,8 +205,7 @@ def retrieval_loss(
     if kind not in ("cross_entropy", "mass"):
         raise ValueError(f"kind must be 'cross_entropy' or 'mass', got {kind!r}.")
     B = evidence_segments.shape[0]
-    queries = torch.as_tensor(query_segments).expand(B) if not torch.is_tensor(query_segments) or \
-        query_segments.dim() == 0 else query_segments
+    queries = torch.as_tensor(query_segments).reshape(-1).expand(B)  # an int or (B,): one per example
     losses = []
     for row in range(B):
         q = int(queries[row])
@@ -224,7 +221,7 @@ def retrieval_loss(
             target = mask.float() / mask.sum()
             losses.append(-(target * torch.log(weights.clamp_min(1e-30))).sum())
     if not losses:
-        return out.retrieval_weights[0].new_zeros(()) if out.retrieval_weights[0].numel() else torch.zeros(())
+        return out.retrieval_weights[0].new_zeros(())
     return torch.stack(losses).mean()
 
 
@@ -385,8 +382,8 @@ def train_recall(
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
         optimizer.step()
-        record = {"step": step + 1, "distance": distance, "loss": float(loss), "lm_loss": float(lm_loss),
-                  "retrieval_loss": None if r_loss is None else float(r_loss),
+        record = {"step": step + 1, "distance": distance, "loss": loss.item(), "lm_loss": lm_loss.item(),
+                  "retrieval_loss": None if r_loss is None else r_loss.item(),
                   "seconds": time.perf_counter() - start}
         history.append(record)
         if log is not None and (step + 1) % log_every == 0:
