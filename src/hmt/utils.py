@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from typing import Union
+
 import torch
 
 
@@ -13,3 +17,14 @@ def get_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def say(message: str) -> None:
+    """Tell the user what hmt is doing (a download, a cache written): ``[hmt] message`` on stderr."""
+    print(f"[hmt] {message}", file=sys.stderr, flush=True)
+
+
+def digest(text: Union[str, bytes], n: int = 24) -> str:
+    """The first ``n`` hex digits of the SHA-256 of ``text`` (UTF-8): a short cache key."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()[:n]

@@ -1,0 +1,278 @@
+"""Datasets: what a DataLoader draws from, built on the tokenised corpus and task files.
+
+::
+
+    train = WindowDataset(corpus, corpus.split("train"), window=S * L)
+    train[0]  # {"input_ids": LongTensor(S*L), "labels": LongTensor(S*L)}
+
+    qa = QADataset(load_qa_examples("tasks.jsonl"), tokenizer)
+    qa[0]  # {"input_ids": LongTensor(T), "labels": LongTensor(T)}: -100 except the answer
+
+    MixedDataset(qa, train, 0.25)                  # a quarter of the items from train
+    DataLoader(qa, batch_size=4, collate_fn=pad_collate)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .corpus import TokenizedCorpus, encode_batch
+from .sources import PathLike, as_text, field_text, iter_rows, row_name
+
+
+class WindowDataset(Dataset):
+    """Training windows of ``window`` (= S segments x L tokens) tokens inside documents.
+
+    Windows start at ``0, stride, 2*stride, ...`` within each document and never cross a
+    document boundary; a tail shorter than ``window`` is dropped (documents shorter than
+    one window give none). ``len`` and the order are deterministic; shuffle with the
+    DataLoader.
+
+    Args:
+        corpus: a :class:`TokenizedCorpus`.
+        doc_indices: documents to draw from (e.g. ``corpus.split("train")``); None: all.
+        window: tokens per item.
+        stride: distance between window starts (default ``window``: no overlap).
+
+    Items: ``{"input_ids": LongTensor(window), "labels": LongTensor(window)}``; labels equal
+    input_ids (the model shifts them, as for a Hugging Face causal LM).
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, doc_indices: Optional[Sequence[int]] = None, *, window: int,
+                 stride: Optional[int] = None):
+        stride = window if stride is None else stride
+        if not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}.")
+        if not isinstance(stride, (int, np.integer)) or stride < 1:
+            raise ValueError(f"stride must be a positive integer, got {stride!r}.")
+        self.corpus, self.window, self.stride = corpus, int(window), int(stride)
+        docs = np.arange(corpus.num_documents) if doc_indices is None else np.asarray(doc_indices, dtype=np.int64)
+        lengths = corpus.lengths[docs] if docs.size else np.zeros(0, dtype=np.int64)
+        counts = np.where(lengths >= self.window, (lengths - self.window) // self.stride + 1, 0)
+        keep = counts > 0
+        self.doc_indices = docs[keep]
+        self._cum = np.cumsum(counts[keep])
+
+    def __len__(self) -> int:
+        return int(self._cum[-1]) if self._cum.size else 0
+
+    def locate(self, i: int) -> Tuple[int, int]:
+        """``(document index, start token)`` of window ``i``."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"window {i} out of range ({n} windows)")
+        i %= n
+        j = int(np.searchsorted(self._cum, i, side="right"))
+        before = int(self._cum[j - 1]) if j else 0
+        return int(self.doc_indices[j]), (i - before) * self.stride
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        doc, start = self.locate(i)
+        begin = int(self.corpus.offsets[doc]) + start
+        ids = torch.from_numpy(np.asarray(self.corpus.tokens[begin : begin + self.window], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """A long-context task example: the model reads ``context`` then ``prompt`` and is
+    scored on ``answer``."""
+
+    context: str
+    prompt: str
+    answer: str
+    name: str = ""
+    evidence: str = ""  # a passage of ``context`` that holds the answer (e.g. a passkey's sentence), if known
+
+
+def load_qa_examples(
+    source: Union[PathLike, Sequence[PathLike]],
+    *,
+    context_field: str = "context",
+    prompt_field: Optional[str] = None,
+    answer_field: str = "answer",
+    name_field: Optional[str] = None,
+    evidence_field: str = "evidence",
+    limit: Optional[int] = None,
+) -> List[QAExample]:
+    """(context, prompt, answer) examples from JSONL/JSON files or ``"hf:NAME[:CONFIG][:SPLIT]"``.
+
+    Args:
+        context_field, answer_field: field names (dotted paths reach nested fields, e.g.
+            PubMedQA's ``"context.contexts"``). A list context is joined with newlines; a list
+            answer gives its first item.
+        prompt_field: default ``"prompt"``, else ``"question"``, whichever a row has.
+        name_field: the example's name (default ``"<file>:<line>"`` / ``"<NAME>/<split>/<row>"``).
+        evidence_field: a passage of the context that holds the answer, where rows have one
+            (optional): it locates the evidence for ``TrainConfig.retrieval_loss_weight``.
+        limit: stop after this many examples.
+    """
+    examples = []
+    for default_name, row in iter_rows(source):
+        if limit is not None and len(examples) >= limit:
+            break
+        pf = prompt_field
+        if pf is None:
+            pf = "prompt" if isinstance(row, dict) and "prompt" in row else "question"
+        examples.append(
+            QAExample(
+                context=field_text(row, context_field),
+                prompt=field_text(row, pf),
+                answer=field_text(row, answer_field, first=True),
+                name=row_name(row, name_field, default_name),
+                evidence=as_text(row.get(evidence_field, "")) if isinstance(row, dict) else "",
+            )
+        )
+    return examples
+
+
+class QADataset(Dataset):
+    """Tokenised (context, prompt, answer) examples with the loss on the answer only.
+
+    Each item is ``context_ids + prompt_ids + answer_ids (+ eos)``, the three parts
+    tokenised separately (so the answer boundary is exact) from the templates. Only the
+    answer tokens (and the EOS) are labelled; every other label is -100.
+
+    Args:
+        examples: :class:`QAExample` objects (see :func:`load_qa_examples`).
+        tokenizer: as for :meth:`TokenizedCorpus.build`.
+        context_template, prompt_template, answer_template: ``str.format`` templates over
+            ``context``, ``prompt`` and ``answer``.
+        max_length: cut the context (never prompt or answer) so an item has at most this many
+            tokens; ``truncation`` says which context tokens go: ``"middle"`` (keep head and
+            tail, as LongBench), ``"left"`` (keep the end) or ``"right"`` (keep the start).
+        add_eos: append the tokenizer's EOS (labelled) after the answer, where it has one.
+        progress: show a tqdm progress bar.
+
+    Items: ``{"input_ids": LongTensor(T), "labels": LongTensor(T)}``, T varying; batch them
+    with :func:`pad_collate`. ``answer_starts[i]`` is where item i's answer begins, so
+    ``input_ids[:answer_starts[i]]`` is the prompt for generation. Where the example names
+    its ``evidence``, items also hold ``evidence_position``: the token where that passage
+    begins (-1 where unknown or cut away).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[QAExample],
+        tokenizer,
+        *,
+        context_template: str = "{context}\n\n",
+        prompt_template: str = "{prompt}\n",
+        answer_template: str = "{answer}",
+        max_length: Optional[int] = None,
+        truncation: str = "middle",
+        add_eos: bool = True,
+        progress: bool = True,
+    ):
+        from tqdm.auto import tqdm
+
+        if truncation not in ("middle", "left", "right"):
+            raise ValueError(f"truncation must be 'middle', 'left' or 'right', got {truncation!r}.")
+        eos = getattr(tokenizer, "eos_token_id", None) if add_eos else None
+        self.examples = list(examples)
+        self._ids: List[np.ndarray] = []
+        self.answer_starts: List[int] = []
+        self.evidence_positions: List[int] = []
+        for ex in tqdm(self.examples, desc="tokenising tasks", unit="ex", disable=not progress, dynamic_ncols=True):
+            fields = {"context": ex.context, "prompt": ex.prompt, "answer": ex.answer}
+            c, p, a = encode_batch(
+                tokenizer,
+                [context_template.format(**fields), prompt_template.format(**fields), answer_template.format(**fields)],
+            )
+            a = list(a) + ([int(eos)] if eos is not None else [])
+            if not a:
+                raise ValueError(f"Example {ex.name!r} has an empty answer.")
+            evidence = _evidence_position(tokenizer, context_template.format(**fields), ex.evidence)
+            if max_length is not None and len(c) + len(p) + len(a) > max_length:
+                keep = max_length - len(p) - len(a)
+                if keep < 0:
+                    raise ValueError(
+                        f"Example {ex.name!r}: prompt and answer alone take {len(p) + len(a)} tokens > max_length "
+                        f"{max_length}."
+                    )
+                if truncation == "left":
+                    evidence = evidence - (len(c) - keep) if evidence >= len(c) - keep else -1
+                    c = c[len(c) - keep :]
+                elif truncation == "right":
+                    evidence = evidence if evidence < keep else -1
+                    c = c[:keep]
+                else:
+                    head = keep // 2
+                    cut = len(c) - (keep - head)  # tokens head .. cut - 1 go
+                    evidence = evidence if evidence < head else (evidence - (cut - head) if evidence >= cut else -1)
+                    c = list(c[:head]) + list(c[cut:])
+            self.answer_starts.append(len(c) + len(p))
+            self.evidence_positions.append(evidence)
+            self._ids.append(np.asarray(list(c) + list(p) + a, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        ids = torch.from_numpy(self._ids[i].copy())
+        labels = torch.full_like(ids, -100)
+        start = self.answer_starts[i]
+        labels[start:] = ids[start:]
+        item = {"input_ids": ids, "labels": labels}
+        if self.evidence_positions[i] >= 0:
+            item["evidence_position"] = torch.tensor(self.evidence_positions[i])
+        return item
+
+
+def _evidence_position(tokenizer, context: str, evidence: str) -> int:
+    """The token of ``context`` where ``evidence`` begins (tokenising the text before it); -1 if absent."""
+    where = context.find(evidence) if evidence else -1
+    if where < 0:
+        return -1
+    return len(encode_batch(tokenizer, [context[:where]])[0]) if where else 0
+
+
+class MixedDataset(Dataset):
+    """Items of ``primary`` with a share ``fraction`` of items of ``secondary`` interleaved.
+
+    Item i comes from ``secondary`` when ``floor((i + 1) f) > floor(i f)``, so every run of
+    items holds the share f of secondary ones, wherever a shuffled batch draws from. Length:
+    enough items for each primary item once. E.g. passkey examples mixed with language-model
+    windows, so that a model taught to recall keeps its perplexity.
+    """
+
+    def __init__(self, primary: Dataset, secondary: Dataset, fraction: float):
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}.")
+        if len(primary) == 0 or len(secondary) == 0:
+            raise ValueError(f"Both datasets of a mixture need items (got {len(primary)} and {len(secondary)}).")
+        self.primary, self.secondary, self.fraction = primary, secondary, float(fraction)
+        self._length = int(math.ceil(len(primary) / (1 - self.fraction)))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        taken = math.floor(i * self.fraction)  # secondary items before i
+        if math.floor((i + 1) * self.fraction) > taken:
+            return self.secondary[taken % len(self.secondary)]
+        return self.primary[(i - taken) % len(self.primary)]
+
+
+def pad_collate(batch: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Right-pad items to the longest: ``input_ids`` with ``pad_token_id``, ``labels`` with
+    -100; adds ``attention_mask`` (1 real, 0 padding). All ``(B, T_max)``."""
+    longest = max(int(item["input_ids"].shape[0]) for item in batch)
+    ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = int(item["input_ids"].shape[0])
+        ids[row, :n] = item["input_ids"]
+        labels[row, :n] = item["labels"] if "labels" in item else item["input_ids"]
+        mask[row, :n] = 1
+    batch_out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any("evidence_position" in item for item in batch):  # -1: no known evidence
+        batch_out["evidence_position"] = torch.tensor([int(item.get("evidence_position", -1)) for item in batch])
+    return batch_out
