@@ -286,9 +286,11 @@ def evaluate_recall(
 def parameter_groups(model, lr: float, hmt_lr: Optional[float] = None, weight_decay: float = 0.0) -> list:
     """AdamW groups: the backbone's parameters at ``lr``, HMT's own (names not starting with
     ``backbone.``) at ``hmt_lr`` (``lr`` when None). Frozen parameters are left out."""
+    from .model import HMT
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if n.startswith("backbone.")]
-    own = [p for n, p in named if not n.startswith("backbone.")]
+    backbone = [p for n, p in named if not HMT.is_own(n)]
+    own = [p for n, p in named if HMT.is_own(n)]
     groups = [{"params": backbone, "lr": lr, "weight_decay": weight_decay}]
     if own:
         groups.append({"params": own, "lr": hmt_lr if hmt_lr is not None else lr, "weight_decay": weight_decay})
