@@ -30,7 +30,19 @@ ARCHITECTURES = list(_configs())
 def make_backbone(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_configs()[arch], dtype=torch.float32)
+    _same_init_on_every_version(model)
     return model.eval()
+
+
+def _same_init_on_every_version(model: torch.nn.Module) -> None:
+    """Gemma's RMSNorms scale by (1 + weight): transformers 5 initialises weight to 0 (the identity),
+    4.x to 1 (doubling every normalised vector). Use 5's, so a tiny model is the same on every
+    supported transformers (the other architectures already are)."""
+    with torch.no_grad():
+        for module in model.modules():
+            name = type(module).__name__
+            if name.startswith("Gemma") and name.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+                module.weight.zero_()
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,51 @@ def test_lora_weights_are_saved_and_restored(tmp_path):
         assert (plain(_ids()).logits - model(_ids(), memory_state=model.new_memory(1)).logits).abs().max() > 1e-4
 
 
+def test_lora_settings_of_another_peft_version_load_when_they_change_nothing(tmp_path):
+    """A checkpoint written by a newer peft holds LoraConfig fields an older one lacks: those that
+    leave a feature off are dropped and the adapter loads exactly; one that turns a feature on is
+    refused, saying to upgrade peft."""
+    peft = pytest.importorskip("peft")
+    backbone = peft.get_peft_model(make_backbone("llama"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    model = HMT(backbone, CONFIG).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "hmt_meta.json"
+    meta = json.loads(meta_path.read_text())
+    newer = {"peft_version": "99.0.0", "future_adapter_config": None, "use_future_trick": False,
+             "future_patterns": {}, "future_group_size": 16, "use_future_group": False}
+    meta["lora_config"].update(newer)
+    meta_path.write_text(json.dumps(meta))
+    from hmt import checkpoint
+
+    checkpoint._LORA_DEPENDENT["future_group_size"] = "use_future_group"
+    try:
+        restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(restored(_ids()).logits, model(_ids(), memory_state=model.new_memory(1)).logits)
+        meta["lora_config"]["use_future_group"] = True  # now its group size matters
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=r"future_group_size=16.*use_future_group=True.*pip install -U peft"):
+            HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
+    finally:
+        del checkpoint._LORA_DEPENDENT["future_group_size"]
+
+
+@pytest.mark.parametrize("adapter", ["smollm2-135m", "smollm2-135m-baseline"])
+def test_shipped_lora_settings_fit_the_installed_peft(adapter):
+    """The shipped adapters were saved with peft 0.21; their LoRA settings must build a LoraConfig on
+    every supported peft (CI runs this on the oldest, 0.13)."""
+    pytest.importorskip("peft")
+    from hmt import checkpoint
+
+    saved = checkpoint.read_meta(adapter)["lora_config"]
+    config = checkpoint.lora_config(saved, adapter)
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (saved["r"], saved["lora_alpha"], sorted(saved["target_modules"]))
+    assert not config.use_dora and not config.use_rslora and config.bias == "none"
+
+
 def test_full_backbone_is_saved_when_trained(tmp_path):
     backbone = make_backbone("gpt2")
     with torch.no_grad():

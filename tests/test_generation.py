@@ -168,12 +168,13 @@ def sliding_gemma3(window: int = 3) -> HMT:
     """Gemma-3 with a sliding window shorter than a segment, next to a full-attention layer."""
     from transformers import AutoModelForCausalLM
 
-    from .conftest import _configs
+    from .conftest import _configs, _same_init_on_every_version
 
     config = _configs()["gemma3"]
     config.sliding_window, config.layer_types = window, ["sliding_attention", "full_attention"]
     torch.manual_seed(0)
     backbone = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _same_init_on_every_version(backbone)
     model = HMT(backbone, HMTConfig(segment_length=L, representation_length=J + 2, sensory_memory_size=K,
                                     num_memory_embeddings=N)).eval()
     randomize_memory_parameters(model)
@@ -215,7 +216,12 @@ def test_batch_rows_cross_boundaries_at_different_steps(arch, exact, monkeypatch
     out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(len(rows)), max_new_tokens=steps,
                          exact_retrieval=exact)
     assert out.sequences[:, ids.shape[1]:].tolist() == alone
-    assert max(widths) == len(rows)  # one call for all rows decoding from the cache
+    if exact and not generation._can_crop(model.backbone, model.config.representation_length + 2):
+        # transformers 4.x: a window cache shorter than the prefix forgets what exact mode reruns,
+        # so rows whose prefix is still open decode in smaller groups (they still share calls)
+        assert max(widths) > 1
+    else:
+        assert max(widths) == len(rows)  # one call for all rows decoding from the cache
     # the memory left open equals each row's own
     for i, r in enumerate(rows):
         own = model.generate(r[None], memory_state=model.new_memory(1), max_new_tokens=steps, exact_retrieval=exact)

@@ -149,9 +149,16 @@ def test_batch_order_is_deterministic_epochs():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+def _pythonpath() -> str:
+    """The workers import the tests package and the very hmt these tests import (not another install)."""
+    import hmt
+
+    return os.pathsep.join([str(Path(hmt.__file__).resolve().parents[1]), str(ROOT)])
+
+
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     accelerate = pytest.importorskip("accelerate")  # noqa: F841
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
     common = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     one = subprocess.run([sys.executable, "-m", "tests.helpers.ddp_worker", str(tmp_path / "one"), "2"], **common)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -172,6 +179,48 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     w2 = load_file(str(tmp_path / "two" / "final" / "hmt_weights.safetensors"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _losses(out):
+    lines = [line for line in out.stdout.splitlines() if line.startswith("LOSSES ")]
+    assert len(lines) == 1, out.stdout[-2000:]
+    return json.loads(lines[0][len("LOSSES ") :])
+
+
+def test_fsdp_two_processes_shard_and_equal_one(tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/fsdp.yaml` (FSDP2, the README's command) on
+    2 CPU processes over gloo: the model is sharded, resuming from the checkpoint written from the
+    shards is exact, and losses and trained weights equal 1 process with the same global batch."""
+    import accelerate
+
+    if tuple(int(x) for x in accelerate.__version__.split(".")[:2]) < (1, 6):
+        pytest.skip(f"FSDP2 needs accelerate >= 1.6 (this is {accelerate.__version__})")
+    pytest.importorskip("torch.distributed.fsdp").fully_shard  # noqa: B018 - FSDP2 (torch >= 2.6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
+    common = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run([sys.executable, "-m", "tests.helpers.ddp_worker", str(tmp_path / "one"), "2"], **common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/fsdp.yaml",
+         "-m", "tests.helpers.fsdp_worker", str(tmp_path / "two"), "1"],
+        **common,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    params = [line.split() for line in two.stdout.splitlines() if line.startswith("PARAMS ")]
+    assert len(params) == 1, two.stdout[-2000:]
+    kind, local, whole, units = params[0][1], int(params[0][2]), int(params[0][3]), int(params[0][4])
+    assert kind.endswith("FSDP")
+    assert local < 0.6 * whole  # this process holds about half of every parameter
+    assert units == 1 + 2  # the root (HMT) plus one unit per decoder layer of the 2-layer backbone
+    assert _losses(one) == pytest.approx(_losses(two), rel=1e-4, abs=1e-5)
+    w1 = load_file(str(tmp_path / "one" / "final" / "hmt_weights.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "final" / "hmt_weights.safetensors"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
+    meta = lambda run: json.loads((tmp_path / run / "final" / "hmt_meta.json").read_text())  # noqa: E731
+    assert meta("two")["embedding_checksum"] == meta("one")["embedding_checksum"]  # gathered, not a shard's
+    HMT.from_pretrained(tiny_backbone(), tmp_path / "two" / "final")
 
 
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):

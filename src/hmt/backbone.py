@@ -203,7 +203,7 @@ def load_backbone(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as err:
+    except (OSError, _hub_validation_error()) as err:  # transformers 4.x lets the hub's ValueError through
         raise OSError(
             f"Could not load backbone {name_or_path!r}: {err}\nPass a local directory holding a "
             "Hugging Face causal LM, a model id reachable from this machine, or call "
@@ -213,6 +213,19 @@ def load_backbone(
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _hub_validation_error() -> type:
+    """huggingface_hub's error for a name that is neither a local directory nor a valid model id
+    (a ValueError; transformers 5 turns it into an OSError, 4.x does not)."""
+    try:
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # older huggingface_hub
+        try:
+            from huggingface_hub.utils import HFValidationError
+        except ImportError:
+            return OSError
+    return HFValidationError
 
 
 def _ensure_default_backbone() -> Path:

@@ -46,13 +46,15 @@ def backbone_signature(backbone: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def embedding_checksum(backbone: torch.nn.Module) -> dict[str, Any]:
+def embedding_checksum(backbone: torch.nn.Module, table: torch.Tensor | None = None) -> dict[str, Any]:
     """A tight fingerprint of the backbone's weights: the SHA-256 of the first 64 rows of its input
     embeddings (exact, in their dtype) and those rows' sums (to recognise the same weights in
-    another dtype)."""
+    another dtype). ``table``: those embeddings when the module holds only a shard of them (FSDP)."""
     import hashlib
 
-    table = bb.unwrap(backbone).get_input_embeddings().weight.detach()[:64].cpu().contiguous()
+    if table is None:
+        table = bb.unwrap(backbone).get_input_embeddings().weight
+    table = table.detach()[:64].cpu().contiguous()
     digest = hashlib.sha256(table.view(torch.uint8).numpy().tobytes() if table.numel() else b"").hexdigest()
     return {"sha256": digest, "dtype": str(table.dtype).replace("torch.", ""),
             "row_sums": [round(float(x), 6) for x in table.double().sum(-1)]}
@@ -105,13 +107,17 @@ def trained_backbone_kind(backbone: torch.nn.Module) -> str:
 
 
 def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None,
-         dtype: torch.dtype | None = None) -> Path:
+         dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """``state_dict``: the model's full ``state_dict()`` when the model itself holds only shards
+    (FSDP: the trainer gathers it first); by default ``model.state_dict()``."""
     from safetensors.torch import save_file
 
     kind = trained_backbone or trained_backbone_kind(model.backbone)
     if kind not in ("none", "lora", "full"):
         raise ValueError(f"trained_backbone must be 'none', 'lora' or 'full', got {kind!r}.")
-    tensors = {f"hmt.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    state = model.state_dict() if state_dict is None else state_dict
+    backbone_state = _strip(state, "backbone.")
+    tensors = {f"hmt.{k}": v for k, v in state.items() if not k.startswith("backbone.")}
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone_signature(model.backbone),
@@ -125,13 +131,18 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         base = meta["lora_config"].get("base_model_name_or_path")
         if base:  # a name, not this machine's path
             meta["lora_config"]["base_model_name_or_path"] = Path(str(base)).name
-        tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(model.backbone).items()})
+        lora_state = get_peft_model_state_dict(model.backbone, state_dict=backbone_state)
+        tensors.update({f"lora.{k}": v for k, v in lora_state.items()})
     elif kind == "full":
-        tensors.update({f"backbone.{k}": v for k, v in bb.unwrap(model.backbone).state_dict().items()})
-    else:
-        meta["embedding_fingerprint"] = embedding_fingerprint(model.backbone)
+        inner = bb.unwrap(model.backbone)
+        prefix = next(n for n, m in model.backbone.named_modules() if m is inner)
+        tensors.update({f"backbone.{k}": v for k, v in (_strip(backbone_state, prefix + ".") if prefix else backbone_state).items()})
+    table = _embedding_table(model, state) if state_dict is not None else None
+    if kind == "none":
+        meta["embedding_fingerprint"] = (embedding_fingerprint(model.backbone) if table is None
+                                         else round(float(table[:64].double().abs().sum()), 3))
     if kind in ("none", "lora"):  # the base weights are not saved: they must be the same at load
-        meta["embedding_checksum"] = embedding_checksum(model.backbone)
+        meta["embedding_checksum"] = embedding_checksum(model.backbone, table)
     meta["config"] = model.config.to_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if dtype is not None:  # e.g. bfloat16 to ship a small adapter; loading casts back
@@ -157,6 +168,15 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _embedding_table(model: "HMT", state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The backbone's input-embedding table as it appears in ``state`` (a full state dict)."""
+    weight = bb.unwrap(model.backbone).get_input_embeddings().weight
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is weight and name in state:
+            return state[name]
+    raise ValueError("The state dict given to save() lacks the backbone's input embeddings.")
 
 
 def _check_target(directory: str | os.PathLike) -> Path:
@@ -223,11 +243,10 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
                          "Use an earlier checkpoint or retrain with a lower learning rate.")
 
     if kind == "lora":
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft import get_peft_model, set_peft_model_state_dict
 
         if bb.unwrap(backbone) is backbone:
-            lora_config = {k: v for k, v in meta["lora_config"].items() if k != "base_model_name_or_path"}
-            backbone = get_peft_model(backbone, LoraConfig(**lora_config))  # peft names the base model itself
+            backbone = get_peft_model(backbone, lora_config(meta["lora_config"], directory))
         result = set_peft_model_state_dict(backbone, _strip(tensors, "lora."))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -251,6 +270,42 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
     except RuntimeError as err:
         raise ValueError(f"HMT weights in {directory} do not fit the config: {err}") from err
     return model
+
+
+# LoRA settings a peft older than the one that saved a checkpoint may not know. An unknown field
+# is dropped only when it holds a value that switches nothing on (a feature left off); one that
+# is set means the adapter needs that feature, so loading it without would give other weights.
+_LORA_METADATA = {"peft_version", "base_model_name_or_path"}  # what saved it and where: no effect on the weights
+_LORA_DEPENDENT = {"qalora_group_size": "use_qalora"}  # read only when the other field is on
+
+
+def lora_config(saved: dict[str, Any], directory: str | os.PathLike = "the checkpoint"):
+    """A ``peft.LoraConfig`` from the LoRA settings a checkpoint holds (``LoraConfig.to_dict()`` of
+    the peft that saved it), for the installed peft: fields this peft does not know are dropped when
+    they leave a feature off, and refused (with what to do) when they turn one on."""
+    import dataclasses
+
+    import peft
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    kept, needed = {}, {}
+    for key, value in saved.items():
+        if key in _LORA_METADATA:
+            continue
+        if key in known:
+            kept[key] = value
+        elif value in (None, False, {}, [], "") or (key in _LORA_DEPENDENT and not saved.get(_LORA_DEPENDENT[key])):
+            continue
+        else:
+            needed[key] = value
+    if needed:
+        raise ValueError(
+            f"The LoRA adapter in {directory} uses settings peft {peft.__version__} does not know: "
+            f"{', '.join(f'{k}={v!r}' for k, v in sorted(needed.items()))} (saved with peft "
+            f"{saved.get('peft_version', 'of another version')}). Upgrade peft: pip install -U peft"
+        )
+    return LoraConfig(**kept)  # peft names the base model itself
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"

@@ -1,7 +1,8 @@
 """Training HMT: BPTT over unrolled segments, the paper's two-stage recipe, exact resume.
 
 The CLI (``hmt train --config recipe.yaml``) and the Python API (:func:`train`) are the
-same code. It runs as one process or under ``accelerate launch`` (DDP); every process
+same code. It runs as one process or under ``accelerate launch`` (DDP, or FSDP2 with
+recipes/accelerate/fsdp.yaml, also on CPUs); every process
 draws its share of the same global batch, so the result does not depend on how many
 processes there are.
 
@@ -403,14 +404,18 @@ def batch_order(num_items: int, step: int, global_batch: int, seed: int) -> list
 
 # =========================================================================== evaluation
 @torch.no_grad()
-def evaluate_documents(model: HMT, documents: Sequence, use_memory: Union[bool, str] = True, accelerator=None) -> dict:
-    """Token-weighted perplexity over whole documents (every token scored once) or task examples (answers)."""
+def evaluate_documents(model: HMT, documents: Sequence, use_memory: Union[bool, str] = True, accelerator=None,
+                       lockstep: bool = False) -> dict:
+    """Token-weighted perplexity over whole documents (every token scored once) or task examples (answers).
+
+    With ``accelerator`` the processes share the documents; ``lockstep`` (FSDP, where every forward
+    gathers parameters from all processes) has every process score every document instead."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     # [nll, tokens] of task answers (row 0) and of whole documents (row 1)
     sums = torch.zeros((2, 2), dtype=torch.float64, device=device)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator and not lockstep else (0, 1)
     for doc in list(documents)[rank::world]:
         if isinstance(doc, dict):  # a task example: score its labels (the answer) only
             ids = doc["input_ids"].to(device).view(1, -1)
@@ -473,6 +478,9 @@ def train(
     # machine): accelerate uses gloo only when told the run is on the CPU.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=cpu_ddp)
+    if cpu_ddp and _fsdp_requested():
+        _fsdp_on_cpu(accelerator)
+    fsdp = _is_fsdp(accelerator)
     set_seed(config.seed)
     out_dir = Path(config.output_dir)
     if backbone is None:
@@ -488,10 +496,14 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     start_step = 0
     checkpoint_dir = out_dir / "checkpoint"
+    if fsdp:  # accelerate shards on HMT's own module boundaries unless told the backbone's layers
+        model._no_split_modules = list(getattr(bb.unwrap(backbone), "_no_split_modules", None) or [])
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    # under FSDP the model now holds sharded parameters (DTensors) in place of the ones above
+    params = [p for p in model.parameters() if p.requires_grad]
     if resume and (checkpoint_dir / STATE_NAME).is_file():
         start_step = _load_training_state(checkpoint_dir, model, optimizer, scheduler, config)
         accelerator.print(f"[hmt] resumed from {checkpoint_dir} at step {start_step}")
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     from tqdm.auto import tqdm
 
@@ -523,6 +535,8 @@ def train(
                 base = micro * config.batch_size * world + rank * config.batch_size
                 items = [train_data[i] for i in order[base : base + config.batch_size]]
                 batch = pad_collate(items, pad_id)
+                if fsdp and world > 1:  # every process must run the same segments (each layer gathers its shards)
+                    batch = _pad_to_longest_across(batch, accelerator, pad_id)
                 if cuda:  # page-locked, so the copy does not make the host wait for the GPU
                     batch = {k: v.pin_memory().to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 else:
@@ -546,7 +560,7 @@ def train(
                     accelerator.backward(loss)
                 losses.append(out.loss.detach())
                 tokens_seen += out.num_tokens.sum() * world
-            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            grad_norm = _full(accelerator.clip_grad_norm_(params, config.max_grad_norm))  # FSDP: a DTensor
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -562,7 +576,7 @@ def train(
                 continue
             record = _read_back(pending, history, tokens_seen, started)
             if evaluating:
-                eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator)
+                eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator, lockstep=fsdp)
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
                 record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
             bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
@@ -587,8 +601,11 @@ def train(
         _save_training_state(checkpoint_dir, model, optimizer, scheduler, step, config, accelerator)
         return TrainResult(steps=step, final_dir=None, history=history, eval=eval_result, interrupted=True)
     final_dir = out_dir / "final"
+    full_state = _full_state_dict(model) if fsdp else None  # every process takes part in gathering it
     if accelerator.is_main_process:
-        model.save_pretrained(final_dir, trained_backbone=_trained_kind(config))
+        from .checkpoint import save
+
+        save(model, final_dir, trained_backbone=_trained_kind(config), state_dict=full_state)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     if writer is not None:
@@ -661,17 +678,19 @@ def _tensorboard(out_dir: Path, config: TrainConfig):
 def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step: int, config: TrainConfig, accelerator) -> None:
     """Write everything a resumed run needs, atomically (a crash leaves the previous checkpoint)."""
     accelerator.wait_for_everyone()
+    # Under FSDP each process holds shards: every process gathers the full tensors (in the same order).
+    trained = {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer_state = _full_tree(optimizer.state_dict())
     if accelerator.is_main_process:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = directory.with_name(f".{directory.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         state = {
             "step": step,
             "identity": json.dumps(config.identity(), sort_keys=True),
             "trained": trained,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -699,13 +718,92 @@ def _load_training_state(directory: Path, model: HMT, optimizer, scheduler, conf
         for name, value in state["trained"].items():
             if name not in named:
                 raise ValueError(f"Training checkpoint {path} has parameter {name!r} that this model lacks.")
-            named[name].copy_(value)
+            named[name].copy_(_shard_like(value, named[name]))
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # FSDP: the saved full moments, sharded like their parameters
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    moments[key] = _shard_like(value, param)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"])
+
+
+# =========================================================================== FSDP
+def _fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config (distributed_type: FSDP) says so in the environment."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """accelerate sets up FSDP only on GPUs and other accelerators; on a CPU-only machine it
+    quietly falls back to DDP over gloo. torch's FSDP2 (``fully_shard``) runs on the CPU over
+    gloo, so switch the run to accelerate's FSDP with the plugin its launch config describes."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        import accelerate
+
+        raise ValueError(
+            "FSDP on a machine without a GPU needs FSDP2 (torch's fully_shard, which runs over gloo): set "
+            "`fsdp_version: 2` under `fsdp_config` in the accelerate config (see recipes/accelerate/fsdp.yaml), "
+            f"with accelerate >= 1.6 (this is {accelerate.__version__})."
+        )
+    from accelerate.state import PartialState
+
+    PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it back from there
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+
+
+def _full(tensor):
+    """The whole tensor of an FSDP shard (a DTensor; a collective: every process must call it); others as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _full_tree(value):
+    if isinstance(value, dict):
+        return {k: _full_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_full_tree(v) for v in value)
+    return _full(value).cpu() if torch.is_tensor(value) else value
+
+
+def _shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor, the same on every process) laid out like ``param`` (sharded under FSDP)."""
+    if not hasattr(param, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements)
+
+
+def _full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state dict, gathered from every process's shards (on every process)."""
+    return {name: _full(value.detach()).cpu() for name, value in model.state_dict().items()}
+
+
+def _pad_to_longest_across(batch: dict, accelerator, pad_id: int) -> dict:
+    """Right-pad a micro-batch to the longest one of any process (labels -100, mask 0)."""
+    length = torch.tensor([batch["input_ids"].shape[1]], device=accelerator.device)
+    longest = int(accelerator.gather(length).max())
+    extra = longest - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
 
 
 def run_recipe(path: str, stages: Optional[Sequence[str]] = None, overrides: Sequence[str] = (), resume: bool = True) -> list[TrainResult]:
