@@ -17,15 +17,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import backbone as bb
 from .config import CONFIG_NAME, HMTConfig
-
-if TYPE_CHECKING:
-    from .model import HMT
+from .model import BACKBONE_PREFIX, HMT
 
 FORMAT_VERSION = 1
 META_NAME = "hmt_meta.json"
@@ -116,8 +114,8 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
     if kind not in ("none", "lora", "full"):
         raise ValueError(f"trained_backbone must be 'none', 'lora' or 'full', got {kind!r}.")
     state = model.state_dict() if state_dict is None else state_dict
-    backbone_state = _strip(state, "backbone.")
-    tensors = {f"hmt.{k}": v for k, v in state.items() if not k.startswith("backbone.")}
+    backbone_state = _strip(state, BACKBONE_PREFIX)
+    tensors = {f"hmt.{k}": v for k, v in state.items() if HMT.is_own(k)}
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone_signature(model.backbone),
@@ -164,7 +162,7 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         os.umask(umask)
         os.chmod(staging / WEIGHTS_NAME, 0o666 & ~umask)  # like the JSON beside it (safetensors writes 0600)
         os.chmod(staging, 0o777 & ~umask)
-        _replace_dir(staging, target)
+        replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -253,13 +251,13 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
             raise ValueError(f"LoRA weights in {directory} do not fit the backbone: {unexpected[:5]}")
     elif kind == "full":
         inner = bb.unwrap(backbone)
-        missing, unexpected = inner.load_state_dict(_strip(tensors, "backbone."), strict=False)
+        missing, unexpected = inner.load_state_dict(_strip(tensors, BACKBONE_PREFIX), strict=False)
         missing = [k for k in missing if k not in _tied_aliases(inner)]  # tied weights are saved once
         if missing or unexpected:
             raise ValueError(f"Backbone weights in {directory} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = cls(backbone, config)
     own = _strip(tensors, "hmt.")
-    expected_keys = {k for k in model.state_dict() if not k.startswith("backbone.")}
+    expected_keys = {k for k in model.state_dict() if HMT.is_own(k)}
     if set(own) != expected_keys:
         raise ValueError(
             f"{directory} does not match this HMT config: missing {sorted(expected_keys - set(own))}, "
@@ -370,7 +368,7 @@ def _tied_aliases(module: torch.nn.Module) -> set[str]:
     return aliases
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
+def replace_dir(staging: Path, target: Path) -> None:
     """Put ``staging`` at ``target`` so that a crash leaves either the old or the new directory.
 
     Files of ``target`` that ``staging`` does not hold (a README, a recipe, logs) are carried over.

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import backbone as bb
-from .checkpoint import _replace_dir, read_meta
+from .checkpoint import read_meta, replace_dir
 from .config import HMTConfig
 from .model import HMT, IGNORE_INDEX, memory_mode
 
@@ -696,7 +696,7 @@ def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         torch.save(state, staging / STATE_NAME)
-        _replace_dir(staging, directory)
+        replace_dir(staging, directory)
     accelerator.wait_for_everyone()
 
 
