@@ -203,7 +203,7 @@ def test_batch_rows_cross_boundaries_at_different_steps(arch, exact, monkeypatch
     """4 rows whose open segments hold 3, 5, 6 and 8 tokens: they close segments at different
     steps, P_n becomes final at different steps; each row decodes as it would alone, and the
     KV-cached steps of the rows run as one batched call."""
-    from hmt import generation
+    from hmt import generation, kv_cache
 
     model = sliding_gemma3() if arch == "gemma3-window3" else build(arch)
     ids, mask, rows = ragged_batch([3, 13, 6, 16])
@@ -216,7 +216,7 @@ def test_batch_rows_cross_boundaries_at_different_steps(arch, exact, monkeypatch
     out = model.generate(ids, attention_mask=mask, memory_state=model.new_memory(len(rows)), max_new_tokens=steps,
                          exact_retrieval=exact)
     assert out.sequences[:, ids.shape[1]:].tolist() == alone
-    if exact and not generation._can_crop(model.backbone, model.config.representation_length + 2):
+    if exact and not kv_cache.can_crop(model.backbone, model.config.representation_length + 2):
         # transformers 4.x: a window cache shorter than the prefix forgets what exact mode reruns,
         # so rows whose prefix is still open decode in smaller groups (they still share calls)
         assert max(widths) > 1
