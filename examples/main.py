@@ -1,7 +1,7 @@
 """The main job: the walkthrough, then HMT with its trained SmolLM2 adapter against honest
 baselines on held-out long documents, with the pictures that show what the memory does.
 
-    python examples/main.py --out outputs/main           # a first run: about 10 minutes on 2 CPU cores
+    python examples/main.py --out outputs/main           # a first run: about 3 minutes on 2 CPU cores (cached backbone)
     python examples/main.py --out outputs/main --full    # the README's figures: 64k-token cost curve, 8k-token documents (~35 min)
 
 1. The user walkthrough end to end (``examples/walkthrough.py``) -> ``OUT/walkthrough/``,
