@@ -111,7 +111,7 @@ class MemoryState:
     def select(self, rows: Sequence[int] | torch.Tensor) -> "MemoryState":
         """The streams ``rows`` as a new state."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.cache.device)
-        return self._map(lambda t: t.index_select(0, index))._trim()
+        return self._map(lambda t: t.index_select(0, index)).trimmed()
 
     @staticmethod
     def cat(states: Sequence["MemoryState"]) -> "MemoryState":
@@ -133,10 +133,6 @@ class MemoryState:
 
     def trimmed(self) -> "MemoryState":
         """The same memory without leading cache columns that are empty in every row."""
-        return self._trim()
-
-    def _trim(self) -> "MemoryState":
-        """Drop leading columns that are empty in every row."""
         used = self.cache_mask.any(dim=0)
         if used.numel() == 0 or bool(used[0]):
             return self
@@ -178,7 +174,7 @@ class MemoryState:
             cache_segments=segs,
             segments_seen=self.segments_seen + update.long(),
         )
-        return state._trim() if trim else state
+        return state.trimmed() if trim else state
 
     def with_sensory(self, token_ids: torch.Tensor, lengths: torch.Tensor, update: torch.Tensor) -> "MemoryState":
         """Keep the last k real tokens of ``token_ids (B, l)`` (``lengths`` real each) where ``update``."""
@@ -218,7 +214,7 @@ class MemoryState:
         state = cls(**{n: tensors[n] for n in names})
         state.validate()
         if not bool(torch.isfinite(state.cache).all()):
-            raise ValueError("This HMT memory state holds NaN or infinite memories; it cannot be used.")
+            raise ValueError("The HMT memory state holds NaN or infinite memories: it is corrupt.")
         return state
 
     def validate(self, config: Optional[HMTConfig] = None) -> None:
@@ -270,7 +266,10 @@ class MemoryState:
             tensors = load_file(path)
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable HMT memory-state file ({err}).") from err
-        return cls.from_state_dict(tensors).to(device)
+        try:
+            return cls.from_state_dict(tensors).to(device)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err} Delete it or use another file.") from None
 
 
 # =========================================================================== modules

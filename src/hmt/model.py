@@ -618,11 +618,13 @@ class HMT(nn.Module):
                 raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}.")
             labels = labels.long().to(device).masked_fill(mask == 0, IGNORE_INDEX)
             scored = labels[labels != IGNORE_INDEX]
-            if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= vocab):
-                raise ValueError(
-                    f"labels hold ids in [{int(scored.min())}, {int(scored.max())}] but the backbone's vocabulary "
-                    f"has {vocab} entries (0 .. {vocab - 1}); mark positions not to score with -100."
-                )
+            if scored.numel():
+                low, high = int(scored.min()), int(scored.max())
+                if low < 0 or high >= vocab:
+                    raise ValueError(
+                        f"labels hold ids in [{low}, {high}] but the backbone's vocabulary has {vocab} entries "
+                        f"(0 .. {vocab - 1}); mark positions not to score with -100."
+                    )
         starts = mask.argmax(1)  # first real position of each row
         if bool(starts.any()):  # left padding: move each row's tokens to the front
             index = (torch.arange(T, device=ids.device).view(1, T) + starts.view(B, 1)) % T
