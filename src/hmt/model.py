@@ -11,9 +11,10 @@ One segment n, as in ``docs/algorithm.md`` (L new tokens H_n with embeddings E_n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -300,6 +301,7 @@ class HMT(nn.Module):
         return_logits: bool = True,
         detach_every: Optional[int] = None,
         checkpoint_segments: bool = False,
+        grad_segments: Optional[Collection[int]] = None,
     ) -> HMTOutput:
         """Read ``input_ids`` segment by segment.
 
@@ -323,6 +325,11 @@ class HMT(nn.Module):
                 hand-off) after every ``detach_every`` segments.
             checkpoint_segments: gradient checkpointing per segment: keep only the memory
                 between segments and recompute each segment during backward.
+            grad_segments: evidence-sparse BPTT: the indices of this call's segments that run
+                with autograd (for a batch, the union over its rows). The others run without it:
+                a forward pass only, their memories entering the cache detached, while the
+                memories of the selected segments keep their graph through the cache. None: all
+                (full BPTT); every index selected is exactly full BPTT.
 
         Returns:
             :class:`HMTOutput`.
@@ -332,6 +339,7 @@ class HMT(nn.Module):
         if detach_every is not None and (not isinstance(detach_every, int) or detach_every < 1):
             raise ValueError(f"detach_every must be a positive integer or None, got {detach_every!r}.")
         B = ids.shape[0]
+        selected = _grad_selection(grad_segments)
         explicit = memory_state is not None
         state = memory_state if explicit else self._state
         if not use_memory:
@@ -363,7 +371,10 @@ class HMT(nn.Module):
         # loop itself never waits on the device (no .item(), no tensors built from lists).
         lengths_on_device = mask.sum(1)
         sensory_lens = state.sensory_lengths.tolist() if use_memory else None
-        encodings = _SegmentEncodings(self, ids, lengths, state, checkpointing) if use_memory else None
+        encodings = _SegmentEncodings(self, ids, lengths, state, checkpointing, selected) if use_memory else None
+        # Scored positions per segment, read on the host once: without logits to return, the LM
+        # head runs on those positions only (none at all for a segment without labels).
+        scored = _scored_per_segment(targets, L, num_segments) if targets is not None and not return_logits else None
         logits, weights, retrieved, memories, seg_nll, seg_count = [], [], [], [], [], []
         for s in range(num_segments):
             seg_ids = ids[:, s * L : (s + 1) * L]
@@ -377,8 +388,10 @@ class HMT(nn.Module):
                 carried = ids[:, max(0, s * L - k) : s * L]
             else:
                 carried = None
-            args = (carried, seg_ids, seg_lens, seg_targets, use_memory, return_logits)
-            if checkpointing:
+            tracked = selected is None or s in selected
+            args = (carried, seg_ids, seg_lens, seg_targets, use_memory, return_logits,
+                    None if scored is None else scored[s], tracked)
+            if checkpointing and tracked:
                 # Recompute the segment in backward: activations of only one segment live at a time.
                 step = torch.utils.checkpoint.checkpoint(self._segment, *args, use_reentrant=False)
             else:
@@ -448,56 +461,77 @@ class HMT(nn.Module):
         parts = [(memory_token, ones), (self.embedding_layer(sensory_ids), sensory_lengths), (token_embeds, lengths)]
         return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
 
-    def _segment(self, carried, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool) -> "_Step":
+    def _segment(self, carried, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool,
+                 num_scored: Optional[int] = None, tracked: bool = True) -> "_Step":
         """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write.
 
         ``carried`` is the memory state with ``use_memory``; else the ``(B, <=k)`` sensory prefix ids
         for the sensory-prefix baseline (every row with tokens in this segment has a full previous
-        one), or None for disjoint segments.
+        one), or None for disjoint segments. ``num_scored``: how many of the segment's positions
+        carry a target (known on the host: without logits, the head runs on those only).
+        ``tracked=False`` runs the segment without autograd (evidence-sparse BPTT); its memory
+        still enters the cache through an op with autograd, so earlier memories keep their graph.
         """
         step = _Step()
         if use_memory:
             read = self.memory_step(carried.state, seg_ids, seg_lens, summary=carried.summary,
-                                    sensory_lengths=carried.sensory_lengths, lengths=carried.lengths, trim=False)
+                                    sensory_lengths=carried.sensory_lengths, lengths=carried.lengths, trim=False,
+                                    tracked=tracked)
             hidden, step.state, step.memory, step.weights, step.retrieved_segments = (
                 read.hidden, read.state, read.memory, read.weights, read.retrieved_segments)
         else:
-            hidden = self._plain_segment(seg_ids, seg_lens, carried)
-        if want_logits:
-            step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
-        if seg_targets is not None:
+            with _autograd(tracked):
+                hidden = self._plain_segment(seg_ids, seg_lens, carried)
+        with _autograd(tracked):
             if want_logits:
-                step.nll = _token_nll(step.logits, seg_targets).sum(1)
-            else:
-                step.nll = self._chunked_nll(hidden, seg_targets)
-            step.count = (seg_targets != IGNORE_INDEX).sum(1)
+                step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
+            if seg_targets is not None:
+                if want_logits:
+                    step.nll = _token_nll(step.logits, seg_targets).sum(1)
+                else:
+                    step.nll = self._scored_nll(hidden, seg_targets, num_scored)
+                step.count = (seg_targets != IGNORE_INDEX).sum(1)
         return step
 
-    def _chunked_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _scored_nll(self, hidden: torch.Tensor, targets: torch.Tensor, num_scored: Optional[int] = None) -> torch.Tensor:
         """Summed NLL ``(B,)`` of ``hidden (B, l, d)`` against ``targets (B, l)``, never holding
         the ``(B, l, vocab)`` float logits at once: the LM head and the loss run on slices of
         positions, and with autograd on each slice is recomputed in backward instead of keeping
-        its logits (so training memory does not grow with vocab x tokens)."""
+        its logits (so training memory does not grow with vocab x tokens). Given ``num_scored``
+        (the positions with a target, counted on the host), the head runs on those positions
+        only, gathered without a device read: none at all for a segment without targets."""
         B, width = targets.shape
+        if num_scored is None or num_scored == B * width:
+            return self._chunked_nll(hidden.flatten(0, 1), targets.flatten()).view(B, width).sum(1)
+        if num_scored == 0:
+            return hidden.new_zeros(B, dtype=torch.float32)
+        # The num_scored flat positions with a target (topk of a known size: no host read).
+        index = torch.topk((targets != IGNORE_INDEX).flatten().to(torch.int8), num_scored, sorted=False).indices
+        nll = self._chunked_nll(hidden.flatten(0, 1).index_select(0, index), targets.flatten().index_select(0, index))
+        return nll.new_zeros(B).index_add(0, torch.div(index, width, rounding_mode="floor"), nll)
+
+    def _chunked_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-position NLL ``(N,)`` of ``hidden (N, d)`` against ``targets (N,)``, the head run on
+        slices within an element budget, each recomputed in backward when autograd is on."""
+        N = targets.shape[0]
         budget = _SCORE_ELEMENTS_CUDA if hidden.is_cuda else _SCORE_ELEMENTS
-        chunk = max(1, min(width, budget // (B * bb.vocab_size(self.backbone))))
+        chunk = max(1, min(N, budget // bb.vocab_size(self.backbone)))
         recompute = torch.is_grad_enabled() and hidden.requires_grad
-        total = None
-        for start in range(0, width, chunk):
-            args = (hidden[:, start : start + chunk], targets[:, start : start + chunk])
+        parts = []
+        for start in range(0, N, chunk):
+            args = (hidden[start : start + chunk], targets[start : start + chunk])
             if recompute:
-                part = torch.utils.checkpoint.checkpoint(self._slice_nll, *args, use_reentrant=False)
+                parts.append(torch.utils.checkpoint.checkpoint(self._slice_nll, *args, use_reentrant=False))
             else:
-                part = self._slice_nll(*args)
-            total = part if total is None else total + part
-        return total
+                parts.append(self._slice_nll(*args))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _slice_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _token_nll(bb.lm_logits(self.backbone, hidden), targets).sum(1)
+        return _token_nll(bb.lm_logits(self.backbone, hidden.unsqueeze(0)), targets.unsqueeze(0)).squeeze(0)
 
     def memory_step(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: Optional[list[int]] = None, *,
                     summary: Optional[torch.Tensor] = None, sensory_lengths: Optional[list[int]] = None,
-                    lengths: Optional[torch.Tensor] = None, trim: bool = True) -> "MemoryStep":
+                    lengths: Optional[torch.Tensor] = None, trim: bool = True, tracked: bool = True) -> "MemoryStep":
         """One step of the algorithm (steps 1-5 of ``docs/algorithm.md``): memory and segment in,
         segment output and the next memory out. ``forward``, generation and evaluation all read
         segments through it.
@@ -510,6 +544,9 @@ class HMT(nn.Module):
                 batched encoding pass; ``state.sensory_lengths`` as a list; ``seg_lens`` as a device
                 tensor), sparing device round trips a loop over segments should not wait on.
             trim: False leaves the cache untrimmed (see :meth:`MemoryState.push`).
+            tracked: False reads the segment without autograd (evidence-sparse BPTT): its hidden
+                states and memory carry no graph, but the cache update still runs with autograd,
+                so the memories already cached keep theirs.
 
         Returns:
             :class:`MemoryStep`: ``hidden (B, l, d)`` final hidden states of the segment's positions
@@ -519,17 +556,19 @@ class HMT(nn.Module):
         if seg_lens is None:
             seg_lens = [seg_ids.shape[1]] * seg_ids.shape[0]
         width = seg_ids.shape[1]
-        token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
-        recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
         retrieved_segments = state.cache_segments
         if sensory_lengths is None:
             sensory_lengths = state.sensory_lengths.tolist()
-        # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
-        # one (right after each row's last real token) is where m_n is written.
-        packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, sensory_lengths, token_embeds, seg_lens)
-        hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
-        segment_hidden = gather_rows(hidden, packed.offsets[2], width)  # (B, l, d)
-        memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
+        with _autograd(tracked):
+            token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
+            recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
+            # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
+            # one (right after each row's last real token) is where m_n is written.
+            packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, sensory_lengths, token_embeds,
+                                           seg_lens)
+            hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
+            segment_hidden = gather_rows(hidden, packed.offsets[2], width)  # (B, l, d)
+            memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
         if lengths is None:
             lengths = torch.as_tensor(seg_lens, device=seg_ids.device)
         active = lengths > 0
@@ -644,6 +683,33 @@ class HMT(nn.Module):
         return logits
 
 
+def _autograd(tracked: bool):
+    """No autograd for an untracked segment (evidence-sparse BPTT); the caller's mode otherwise."""
+    return contextlib.nullcontext() if tracked else torch.no_grad()
+
+
+def _grad_selection(grad_segments) -> Optional[frozenset]:
+    """``forward``'s ``grad_segments`` as a set of segment indices (None: every segment)."""
+    if grad_segments is None:
+        return None
+    if isinstance(grad_segments, torch.Tensor):
+        grad_segments = grad_segments.flatten().tolist()
+    try:
+        selected = frozenset(int(s) for s in grad_segments)
+    except (TypeError, ValueError):
+        raise TypeError(f"grad_segments must be a collection of segment indices or None, got {grad_segments!r}.") from None
+    if any(s < 0 for s in selected):
+        raise ValueError(f"grad_segments holds negative segment indices: {sorted(selected)}.")
+    return selected
+
+
+def _scored_per_segment(targets: torch.Tensor, L: int, num_segments: int) -> list[int]:
+    """How many positions of each segment carry a target, read on the host in one go."""
+    B, T = targets.shape
+    scored = F.pad(targets != IGNORE_INDEX, (0, num_segments * L - T))
+    return scored.view(B, num_segments, L).sum((0, 2)).tolist()
+
+
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``(B, l)`` next-token NLL of ``logits (B, l, V)`` (in float32) against ``targets (B, l)``; 0 where ignored."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
@@ -671,30 +737,37 @@ class _SegmentEncodings:
     ``_ENCODE_POSITIONS_CUDA``), so that reading a long document stays flat in memory.
     """
 
-    def __init__(self, model: "HMT", ids: torch.Tensor, lengths: list[int], state: MemoryState, checkpointing: bool):
+    def __init__(self, model: "HMT", ids: torch.Tensor, lengths: list[int], state: MemoryState, checkpointing: bool,
+                 selected: Optional[frozenset] = None):
         config = model.config
         self.model, self.ids, self.lengths, self.checkpointing = model, ids, lengths, checkpointing
+        self.selected = selected  # evidence-sparse BPTT: the segments encoded with autograd (None: all)
         self.L, self.j = config.segment_length, config.representation_length
         self.num_segments = -(-max(lengths) // self.L)
         # The first segment of a stream searches nothing (empty cache): no encoding needed.
         self.first = 0 if state.cache.shape[1] > 0 else 1
         self.enabled = config.use_retrieval
         B = ids.shape[0]
-        if torch.is_grad_enabled() and not checkpointing:
-            self.group = self.num_segments
-        else:
-            positions = _ENCODE_POSITIONS_CUDA if ids.is_cuda else B * config.augmented_length
-            self.group = max(1, positions // (B * (self.j + 2)))
+        positions = _ENCODE_POSITIONS_CUDA if ids.is_cuda else B * config.augmented_length
+        self.read_group = max(1, positions // (B * (self.j + 2)))  # segments per call without autograd
+        self.group = self.num_segments if torch.is_grad_enabled() and not checkpointing else self.read_group
         self.cache: dict[int, torch.Tensor] = {}
 
     def summary(self, s: int) -> Optional[torch.Tensor]:
         if not self.enabled or s < self.first:
             return None
         if s not in self.cache:
-            self.cache = self._encode(range(s, min(s + self.group, self.num_segments)))
+            later = range(s, self.num_segments)
+            if self.selected is None:
+                self.cache = self._encode(list(later)[: self.group])
+            elif s in self.selected:  # the tracked segments: one call with autograd
+                self.cache.update(self._encode([t for t in later if t in self.selected]))
+            else:  # the others without autograd, in groups as when reading
+                with torch.no_grad():
+                    self.cache.update(self._encode([t for t in later if t not in self.selected][: self.read_group]))
         return self.cache.pop(s)
 
-    def _encode(self, segments: range) -> dict[int, torch.Tensor]:
+    def _encode(self, segments: list) -> dict[int, torch.Tensor]:
         L, j, B = self.L, self.j, self.ids.shape[0]
         heads = [self.ids[:, s * L : s * L + j] for s in segments]
         width = max(h.shape[1] for h in heads)
@@ -705,7 +778,7 @@ class _SegmentEncodings:
         def encode(token_ids):
             return model.representation_encoder(model.backbone, model.embedding_layer(token_ids), takes)
 
-        if self.checkpointing:
+        if self.checkpointing and torch.is_grad_enabled():
             summaries = torch.utils.checkpoint.checkpoint(encode, stacked, use_reentrant=False)
         else:
             summaries = encode(stacked)

@@ -318,6 +318,9 @@ class RecallTrainConfig:
         grad_clip: max gradient norm.
         seed: seeds the data stream (model initialisation is the caller's).
         evidence_segment: as in :func:`make_batch` (None: random position).
+        first_segment_fraction: a curriculum over the key's position (with ``evidence_segment``
+            None): for this first fraction of the steps the key stays in segment 0, then it goes
+            anywhere.
     """
 
     steps: int = 600
@@ -334,6 +337,7 @@ class RecallTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     evidence_segment: Optional[int] = 0
+    first_segment_fraction: float = 0.0
 
 
 def train_recall(
@@ -370,7 +374,10 @@ def train_recall(
             frac = min(1.0, step / max(1.0, config.curriculum_fraction * config.steps))
             allowed = [d for d in allowed if d <= lo + frac * (hi - lo)] or [lo]
         distance = rng.choice(allowed)
-        batch = make_batch(task, config.batch_size, distance, gen, config.evidence_segment)
+        evidence_segment = config.evidence_segment
+        if evidence_segment is None and step < config.first_segment_fraction * config.steps:
+            evidence_segment = 0
+        batch = make_batch(task, config.batch_size, distance, gen, evidence_segment)
         kwargs = {"memory_state": model.new_memory(config.batch_size)} if config.use_memory is True else {}
         out = model(batch.input_ids, labels=batch.labels, use_memory=config.use_memory,
                     detach_every=config.detach_every, **kwargs)

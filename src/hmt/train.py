@@ -113,6 +113,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bptt_depth: Optional[int] = field(default=None, metadata={"help": "Truncate BPTT: detach the memory every K segments."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each segment in backward."})
+    sparse_bptt: bool = field(
+        default=False,
+        metadata={"help": "Evidence-sparse BPTT for task examples whose evidence is known: only the segments holding "
+                          "the evidence or the answer run with autograd; the others run forward only and their "
+                          "memories enter the cache detached. Batches with a row of unknown evidence (language-model "
+                          "windows) keep full BPTT."},
+    )
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', 'fp16' or 'auto' (bf16 on a GPU that has it)."})
     # --- bookkeeping
     output_dir: str = "runs/hmt"
@@ -520,7 +527,8 @@ def train(
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process), desc="train")
     step = start_step
-    tokens_seen, started = torch.zeros((), dtype=torch.long, device=accelerator.device), time.perf_counter()
+    # tokens read (every real position of the inputs) and tokens scored (those with a label)
+    tokens_seen, started = torch.zeros(2, dtype=torch.long, device=accelerator.device), time.perf_counter()
     pending = []  # steps whose figures are still on the device: read back together at the next log
     cuda = accelerator.device.type == "cuda"
     previous_term = _stop_on_sigterm()
@@ -547,6 +555,7 @@ def train(
                         use_memory=config.use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
                         return_logits=False, detach_every=config.bptt_depth,
                         checkpoint_segments=config.gradient_checkpointing,
+                        grad_segments=sparse_bptt_segments(batch, model.config.segment_length) if config.sparse_bptt else None,
                     )
                 loss = out.loss
                 if config.retrieval_loss_weight > 0 and model.config.use_retrieval and "evidence_position" in batch:
@@ -559,7 +568,7 @@ def train(
                 else:
                     accelerator.backward(loss)
                 losses.append(out.loss.detach())
-                tokens_seen += out.num_tokens.sum() * world
+                tokens_seen += torch.stack([batch["attention_mask"].sum(), out.num_tokens.sum()]) * world
             grad_norm = _full(accelerator.clip_grad_norm_(params, config.max_grad_norm))  # FSDP: a DTensor
             optimizer.step()
             scheduler.step()
@@ -579,7 +588,8 @@ def train(
                 eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator, lockstep=fsdp)
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
                 record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
-            bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -613,6 +623,19 @@ def train(
     return TrainResult(steps=step, final_dir=str(final_dir), history=history, eval=eval_result)
 
 
+def sparse_bptt_segments(batch: dict, segment_length: int) -> Optional[list[int]]:
+    """The segments that run with autograd under evidence-sparse BPTT (``sparse_bptt``): for each
+    row, the segment where its evidence begins and every segment that scores one of its labels
+    (label t is predicted at position t - 1); the union over the batch's rows. None (full BPTT)
+    when the batch has no evidence positions or a row's evidence is unknown, as in language-model
+    windows. Rows are right-padded (``pad_collate``), so positions are the model's own."""
+    evidence = batch.get("evidence_position")
+    if evidence is None or bool((evidence < 0).any()):
+        return None
+    labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()  # predicting positions
+    return sorted(set((evidence // segment_length).tolist()) | set((labelled // segment_length).tolist()))
+
+
 def supervised_retrieval_loss(out, evidence_positions: torch.Tensor, labels: torch.Tensor, segment_length: int):
     """The paper's supervised retrieval term for a batch of task examples.
 
@@ -638,11 +661,12 @@ def _read_back(pending: list, history: list, tokens_seen: torch.Tensor, started:
         return None
     values = torch.stack([torch.stack([loss.float(), torch.as_tensor(norm, device=loss.device).float()])
                           for _, loss, norm, _ in pending]).tolist()
-    elapsed, seen = time.perf_counter() - started, int(tokens_seen)
+    elapsed, (read, scored) = time.perf_counter() - started, tokens_seen.tolist()
     for (done, _, _, lr), (loss, norm) in zip(pending, values):
         history.append({"step": done, "loss": loss, "lr": lr, "grad_norm": norm})
     pending.clear()
-    history[-1].update(tokens_per_s=seen / elapsed, elapsed_s=elapsed)
+    # tokens_per_s: every token the model read (the work done); scored_tokens_per_s: those with a loss
+    history[-1].update(tokens_per_s=read / elapsed, scored_tokens_per_s=scored / elapsed, elapsed_s=elapsed)
     return history[-1]
 
 
