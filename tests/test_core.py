@@ -307,6 +307,25 @@ def test_embedding_compression_writes_token_like_memories():
     assert HMTConfig(memory_compression=True).memory_compression == "identity"
 
 
+def test_norm_compression_writes_memories_at_the_token_scale():
+    """'norm': g m/rms(m), g = the token embeddings' RMS at init: the memory keeps the hidden
+    state's direction (its content) but enters the backbone at an ordinary token's scale; g trains."""
+    model = build("llama", memory_compression="norm")
+    plain = build("llama")  # same backbone and memory parameters, no compression
+    table = model.embedding_layer.weight
+    gain = model.memory_generator.gain
+    torch.testing.assert_close(gain.detach(), table.pow(2).mean().sqrt().detach())
+    hidden, mask = torch.randn(2, 5, model.config.hidden_dim) * 7, torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    raw = plain.memory_generator(hidden, mask)
+    written = model.memory_generator(hidden, mask)
+    torch.testing.assert_close(written.pow(2).mean(-1).sqrt(), gain.detach().expand(2), **TOL)
+    torch.testing.assert_close(torch.nn.functional.normalize(written, dim=-1), torch.nn.functional.normalize(raw, dim=-1), **TOL)
+    assert sum(p.numel() for p in model.memory_generator.parameters()) == 1
+    model.train()
+    model(tokens(1, 2 * L), labels=tokens(1, 2 * L), memory_state=model.new_memory(1)).loss.backward()
+    assert gain.grad is not None and gain.grad.abs() > 0
+
+
 @pytest.mark.parametrize("strategy", ["mean", "max", "cls"])
 def test_other_strategies_run_in_hmt(strategy):
     model = build("llama", extraction_strategy=strategy)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 EXTRACTION_STRATEGIES = ("last", "mean", "max", "cls")
-COMPRESSIONS = (False, "identity", "embedding")
+COMPRESSIONS = (False, "identity", "embedding", "norm")
 CONFIG_NAME = "hmt_config.json"
 
 
@@ -75,7 +75,11 @@ class HMTConfig:
             "'embedding': maps the memory into the input-embedding space the backbone reads: "
             "b + W m/|m|, with W = 0 and b = the mean token embedding at init, so an untrained "
             "memory token looks like an ordinary token (a raw final hidden state at position 0 "
-            "disrupts a Llama-style backbone's first-position attention)."
+            "disrupts a Llama-style backbone's first-position attention). 'norm': no d x d layer, "
+            "a learned gain g on the unit-RMS memory, g m/rms(m), with g = the token embeddings' RMS "
+            "at init: the memory enters at the scale of an ordinary token and keeps its content "
+            "(a final hidden state is often ~50x a token embedding; see benchmarks/README.md, "
+            "recall probe, for what this does to learning)."
         },
     )
     use_retrieval: bool = field(

@@ -280,7 +280,8 @@ class MemoryEmbeddingGenerator(nn.Module):
     augmented segment that is the trailing memory token. ``"mean"`` and ``"max"`` pool over
     the real positions, ``"cls"`` takes the first. With ``config.memory_compression`` a
     learned d x d layer follows: initialised to the identity, or (``"embedding"``) mapping the
-    unit-normalised memory into the input-embedding space, ``b + W m/|m|``.
+    unit-normalised memory into the input-embedding space, ``b + W m/|m|``; or (``"norm"``) a
+    learned gain on the unit-RMS memory, ``g m/rms(m)``, g starting at the token embeddings' RMS.
     """
 
     def __init__(self, config: HMTConfig):
@@ -288,8 +289,11 @@ class MemoryEmbeddingGenerator(nn.Module):
         d = _require_hidden_dim(config)
         self.extraction_strategy = config.extraction_strategy
         self.compression: Optional[nn.Linear] = None
+        self.gain: Optional[nn.Parameter] = None
         self.compression_kind = config.memory_compression
-        if config.memory_compression:
+        if config.memory_compression == "norm":  # g m / rms(m); HMT sets g to the embeddings' RMS
+            self.gain = nn.Parameter(torch.ones(()))
+        elif config.memory_compression:
             self.compression = nn.Linear(d, d)
             with torch.no_grad():
                 if config.memory_compression == "identity":
@@ -326,6 +330,8 @@ class MemoryEmbeddingGenerator(nn.Module):
             out = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
         else:  # max
             out = hidden_states.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(1)
+        if self.gain is not None:
+            return out * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-12).to(out.dtype) * self.gain
         if self.compression is None:
             return out
         if self.compression_kind == "embedding":

@@ -152,6 +152,8 @@ class HMT(nn.Module):
             param.copy_(mean + noise)
         if self.config.memory_compression == "embedding":
             self.memory_generator.compression.bias.copy_(mean)
+        elif self.config.memory_compression == "norm":  # memories at the scale of token embeddings
+            self.memory_generator.gain.fill_(table.float().pow(2).mean().sqrt().cpu().item())
         ref = table
         for module in (self.representation_encoder, self.memory_search, self.memory_generator):
             module.to(device=ref.device, dtype=ref.dtype)

@@ -29,6 +29,7 @@ loops the benchmark (``benchmarks/memory_recall.py``) and the CI test use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -321,6 +322,10 @@ class RecallTrainConfig:
         first_segment_fraction: a curriculum over the key's position (with ``evidence_segment``
             None): for this first fraction of the steps the key stays in segment 0, then it goes
             anywhere.
+        digit_curriculum: a curriculum over the key's length, e.g. ``(1, 2, 4)``: the first
+            ``digit_curriculum_fraction`` of the steps is split evenly over these lengths (a short
+            key first), the task's own ``num_digits`` afterwards. Empty: the task's length throughout.
+        digit_curriculum_fraction: see ``digit_curriculum``.
     """
 
     steps: int = 600
@@ -338,6 +343,8 @@ class RecallTrainConfig:
     seed: int = 0
     evidence_segment: Optional[int] = 0
     first_segment_fraction: float = 0.0
+    digit_curriculum: Sequence[int] = ()
+    digit_curriculum_fraction: float = 0.5
 
 
 def train_recall(
@@ -374,10 +381,14 @@ def train_recall(
             frac = min(1.0, step / max(1.0, config.curriculum_fraction * config.steps))
             allowed = [d for d in allowed if d <= lo + frac * (hi - lo)] or [lo]
         distance = rng.choice(allowed)
+        step_task = task
+        if config.digit_curriculum and step < config.digit_curriculum_fraction * config.steps:
+            stage = int(step / (config.digit_curriculum_fraction * config.steps) * len(config.digit_curriculum))
+            step_task = dataclasses.replace(task, num_digits=int(config.digit_curriculum[stage]))
         evidence_segment = config.evidence_segment
         if evidence_segment is None and step < config.first_segment_fraction * config.steps:
             evidence_segment = 0
-        batch = make_batch(task, config.batch_size, distance, gen, evidence_segment)
+        batch = make_batch(step_task, config.batch_size, distance, gen, evidence_segment)
         kwargs = {"memory_state": model.new_memory(config.batch_size)} if config.use_memory is True else {}
         out = model(batch.input_ids, labels=batch.labels, use_memory=config.use_memory,
                     detach_every=config.detach_every, **kwargs)
@@ -391,7 +402,7 @@ def train_recall(
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
         optimizer.step()
-        record = {"step": step + 1, "distance": distance, "loss": loss.item(), "lm_loss": lm_loss.item(),
+        record = {"step": step + 1, "distance": distance, "digits": step_task.num_digits, "loss": loss.item(), "lm_loss": lm_loss.item(),
                   "retrieval_loss": None if r_loss is None else r_loss.item(),
                   "seconds": time.perf_counter() - start}
         history.append(record)
