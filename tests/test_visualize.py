@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hmt import HMT, HMTConfig, passkey
@@ -87,3 +88,9 @@ def test_passkey_task_examples_place_the_key_and_round_trip(tmp_path):
     loaded = load_qa_examples(path, name_field="name")
     assert [(e.context, e.prompt, e.answer, e.name) for e in loaded] == [(e.context, e.prompt, e.answer, e.name) for e in examples]
     assert passkey.task_examples(tok, 20, 300, 600, seed=1, max_prefix=200) == examples  # seeded
+    # never the evaluation's keys (run() with seed 0 draws them in order), nor its seed
+    assert not {e.answer for e in examples} & passkey.evaluation_keys(0)
+    many = passkey.task_examples(tok, 300, 300, 301, seed=2)
+    assert not {e.answer for e in many} & passkey.evaluation_keys(0)
+    with pytest.raises(ValueError, match="evaluation's seed"):
+        passkey.task_examples(tok, 2, 300, 600, seed=0)

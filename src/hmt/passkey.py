@@ -38,13 +38,24 @@ def make_prompt(tokenizer, distance: int, key: str, prefix_tokens: int = 64) -> 
     return PasskeyPrompt(ids, key, len(needle) + len(after) + len(question))
 
 
+EVALUATION_DRAWS = 10_000  # keys of run()'s seed held out of training: any evaluation of up to this many trials
+
+
+def evaluation_keys(seed: int = 0, draws: int = EVALUATION_DRAWS) -> set:
+    """The keys :func:`run` asks for with this seed, in its first ``draws`` trials (it draws one key
+    per trial, in order, from ``random.Random(seed)``): :func:`task_examples` never trains on them."""
+    rng = random.Random(seed)
+    return {str(rng.randrange(10**4, 10**5)) for _ in range(draws)}
+
+
 def task_examples(
     tokenizer,
     count: int,
     min_distance: int,
     max_distance: int,
-    seed: int = 0,
+    seed: int = 1,
     max_prefix: int = 128,
+    held_out_seed: int = 0,
 ) -> list:
     """Passkey examples to train on (``task: qa``): :class:`hmt.data.QAExample` objects.
 
@@ -53,7 +64,9 @@ def task_examples(
     :func:`make_prompt`), after 0..``max_prefix`` tokens of leading filler, so the key lands
     anywhere inside a segment. Prompt: :data:`QUESTION`; answer: the 5-digit key. Render with
     ``context_template="{context}", prompt_template="{prompt}", answer_template=" {answer}"``
-    to match the evaluation prompts.
+    to match the evaluation prompts. The keys of the evaluation (:func:`run` with seed
+    ``held_out_seed``, its first :data:`EVALUATION_DRAWS` trials) are never used, and its
+    prompts (a fixed 64-token filler prefix) differ in layout from these.
     """
     from .data import QAExample
 
@@ -62,9 +75,14 @@ def task_examples(
     rng = random.Random(seed)
     length = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     filler, question = length(FILLER), length(" " + QUESTION)
+    held_out = evaluation_keys(held_out_seed)
+    if seed == held_out_seed:
+        raise ValueError(f"seed {seed} is the evaluation's seed: training examples must come from another one.")
     examples = []
     for i in range(count):
         key = str(rng.randrange(10000, 100000))
+        while key in held_out:
+            key = str(rng.randrange(10000, 100000))
         needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
         gap = max(0, rng.randint(min_distance, max_distance) - length(needle) - question)
         before = FILLER * rng.randint(0, max_prefix // filler)
