@@ -326,6 +326,9 @@ class RecallTrainConfig:
             ``digit_curriculum_fraction`` of the steps is split evenly over these lengths (a short
             key first), the task's own ``num_digits`` afterwards. Empty: the task's length throughout.
         digit_curriculum_fraction: see ``digit_curriculum``.
+        sparse_bptt: evidence-sparse BPTT (``forward``'s ``grad_segments``): only the evidence and
+            query segments run with autograd. With a random key position the position is drawn
+            per batch (one for all its rows), so the batch shares those two segments.
     """
 
     steps: int = 600
@@ -345,6 +348,7 @@ class RecallTrainConfig:
     first_segment_fraction: float = 0.0
     digit_curriculum: Sequence[int] = ()
     digit_curriculum_fraction: float = 0.5
+    sparse_bptt: bool = False
 
 
 def train_recall(
@@ -385,11 +389,15 @@ def train_recall(
         if config.digit_curriculum and step < config.digit_curriculum_fraction * config.steps:
             stage = int(step / (config.digit_curriculum_fraction * config.steps) * len(config.digit_curriculum))
             step_task = dataclasses.replace(task, num_digits=int(config.digit_curriculum[stage]))
+        kwargs = {"memory_state": model.new_memory(config.batch_size)} if config.use_memory is True else {}
         evidence_segment = config.evidence_segment
         if evidence_segment is None and step < config.first_segment_fraction * config.steps:
             evidence_segment = 0
+        if evidence_segment is None and config.sparse_bptt:
+            evidence_segment = int(torch.randint(0, distance + 1, (), generator=gen))
         batch = make_batch(step_task, config.batch_size, distance, gen, evidence_segment)
-        kwargs = {"memory_state": model.new_memory(config.batch_size)} if config.use_memory is True else {}
+        if config.sparse_bptt:
+            kwargs["grad_segments"] = {int(batch.evidence_segments[0]), int(batch.query_segments[0])}
         out = model(batch.input_ids, labels=batch.labels, use_memory=config.use_memory,
                     detach_every=config.detach_every, **kwargs)
         lm_loss = out.loss

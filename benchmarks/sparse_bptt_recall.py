@@ -1,0 +1,83 @@
+"""Evidence-sparse BPTT against full BPTT on the recall probe: same accuracy, less training time?
+
+The CI test's probe (``hmt.recall``: a 1-digit key in a random segment, a tiny Llama with d = 32
+trained from scratch, memories at the token scale with ``memory_compression='norm'``), trained
+600 steps of batch 16 with distances growing 1 -> 16 segments over the first 30% of the steps
+(examples of up to 33 segments), once with full BPTT through every segment and once with
+``sparse_bptt`` (only the key's and the query's segments run with autograd; the key's position
+is then drawn per batch). Accuracy is exact, 200 fresh examples per distance, key anywhere,
+4, 16 and 64 segments back. One CPU thread; train time is wall-clock.
+
+    python benchmarks/sparse_bptt_recall.py --json benchmarks/results/sparse_bptt_recall_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hmt  # noqa: E402
+from hmt import recall  # noqa: E402
+
+from _common import table, write_json  # noqa: E402
+
+TASK = recall.RecallTask(segment_length=16, num_digits=1, vocab_size=32)
+EVAL_DISTANCES = [4, 16, 64]
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
+    torch.manual_seed(seed)
+    backbone = recall.tiny_llama(vocab_size=TASK.vocab_size, hidden_size=32, layers=2, heads=2, seed=seed)
+    model = hmt.HMT(backbone, hmt.HMTConfig(segment_length=16, sensory_memory_size=4, num_memory_embeddings=160,
+                                            memory_compression="norm"))
+    distances = tuple(d for d in (1, 2, 4, 8, 16, 32) if d <= max_distance)
+    config = recall.RecallTrainConfig(steps=steps, batch_size=16, distances=distances, curriculum=True,
+                                      curriculum_fraction=0.3, lr=3e-3, warmup_steps=20, seed=seed,
+                                      evidence_segment=None, sparse_bptt=mode == "sparse")
+    start = time.perf_counter()
+    history = recall.train_recall(model, TASK, config)
+    train_s = time.perf_counter() - start
+    accuracy = recall.evaluate_recall(model, TASK, EVAL_DISTANCES, num_examples=200, seed=seed + 1, evidence_segment=None)
+    return {"train_s": train_s, "final_answer_loss": sum(r["lm_loss"] for r in history[-30:]) / 30,
+            **{f"accuracy_{d}_anywhere": a for d, a in accuracy.items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=positive, default=600)
+    parser.add_argument("--max-distance", type=positive, default=16, help="largest training distance (segments)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)) or ".", os.W_OK):
+        parser.error(f"--json {args.json}: its folder does not exist or cannot be written")
+    torch.set_num_threads(1)
+    rows = []
+    for seed in args.seeds:
+        for mode in ("full", "sparse"):
+            row = dict(run(mode, seed, args.steps, args.max_distance), mode=mode, seed=seed)
+            rows.append(row)
+            print(row, flush=True)
+            write_json(args.json, {"command": "python benchmarks/sparse_bptt_recall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                                   "settings": vars(args), "rows": rows})
+    print(table(["seed", "BPTT", "train s", *[f"{d} back" for d in EVAL_DISTANCES], "final answer loss"],
+                [[r["seed"], r["mode"], r["train_s"], *[100 * r[f"accuracy_{d}_anywhere"] for d in EVAL_DISTANCES],
+                  r["final_answer_loss"]] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
