@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -501,8 +502,10 @@ def train(
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     # under FSDP the model now holds sharded parameters (DTensors) in place of the ones above
     params = [p for p in model.parameters() if p.requires_grad]
+    wrote_checkpoint = False  # the training state in checkpoint_dir is this run's: removed once final is written
     if resume and (checkpoint_dir / STATE_NAME).is_file():
         start_step = _load_training_state(checkpoint_dir, model, optimizer, scheduler, config)
+        wrote_checkpoint = True
         accelerator.print(f"[hmt] resumed from {checkpoint_dir} at step {start_step}")
 
     from tqdm.auto import tqdm
@@ -589,6 +592,7 @@ def train(
                             writer.add_scalar(key, value, step)
             if step % config.save_every == 0 and step < config.steps:
                 _save_training_state(checkpoint_dir, model, optimizer, scheduler, step, config, accelerator)
+                wrote_checkpoint = True
     except KeyboardInterrupt:
         interrupted = True
         accelerator.print(f"\n[hmt] interrupted at step {step}: saving a checkpoint to resume from")
@@ -606,7 +610,8 @@ def train(
         from .checkpoint import save
 
         save(model, final_dir, trained_backbone=_trained_kind(config), state_dict=full_state)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if wrote_checkpoint:
+            _remove_training_state(checkpoint_dir)
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()
@@ -683,9 +688,8 @@ def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step
     optimizer_state = _full_tree(optimizer.state_dict())
     if accelerator.is_main_process:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = directory.with_name(f".{directory.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        # A fresh staging folder of its own: never one a user (or another run) already has.
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
         state = {
             "step": step,
             "identity": json.dumps(config.identity(), sort_keys=True),
@@ -695,9 +699,22 @@ def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        torch.save(state, staging / STATE_NAME)
-        replace_dir(staging, directory)
+        try:
+            torch.save(state, staging / STATE_NAME)
+            replace_dir(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _remove_training_state(directory: Path) -> None:
+    """Remove the training state this run wrote in ``directory``, and the folder if nothing else is in it
+    (files a user keeps there stay)."""
+    (directory / STATE_NAME).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (or gone): leave it
+        pass
 
 
 def _load_training_state(directory: Path, model: HMT, optimizer, scheduler, config: TrainConfig) -> int:
