@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -36,11 +38,6 @@ from .config import HMTConfig
 from .model import HMT, IGNORE_INDEX, memory_mode
 
 TRAINABLE = ("memory", "lora", "full")
-FLOAT_FIELDS = ("lr", "hmt_lr", "weight_decay", "lora_dropout", "decay_gamma", "max_grad_norm", "mix_fraction",
-                "retrieval_loss_weight")
-INT_FIELDS = ("lora_r", "lora_alpha", "split_seed", "segments_per_window", "window_stride", "eval_documents",
-              "eval_max_tokens", "eval_min_tokens", "steps", "batch_size", "grad_accum", "warmup_steps", "decay_every",
-              "bptt_depth", "eval_every", "save_every", "log_every", "seed")
 STATE_NAME = "training_state.pt"
 
 
@@ -62,9 +59,9 @@ class TrainConfig:
     trainable: str = field(
         default="lora", metadata={"help": "What trains besides HMT's own parameters: 'memory' (nothing), 'lora', 'full'."}
     )
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: int = field(default=8, metadata={"min": 1})
+    lora_alpha: int = field(default=32, metadata={"min": 1})
+    lora_dropout: float = field(default=0.0, metadata={"min": 0, "below": 1})
     lora_target_modules: Any = field(default="all-linear", metadata={"help": "peft target_modules."})
     # --- data
     data: Any = field(default="kjv", metadata={"help": "Source for hmt.data: path, glob, JSONL, 'hf:NAME', 'kjv', ... or a list."})
@@ -80,69 +77,61 @@ class TrainConfig:
         metadata={"help": "With task 'qa': a document source (as 'data') whose language-model windows of S x L tokens "
                           "are mixed into the training items, so that a model taught a task keeps its perplexity."},
     )
-    mix_fraction: float = field(default=0.0, metadata={"help": "Share of training items drawn from mix_data (0 to <1)."})
+    mix_fraction: float = field(default=0.0, metadata={"help": "Share of training items drawn from mix_data (0 to <1).",
+                                                       "min": 0, "below": 1})
     mix_data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents of mix_data."})
     retrieval_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the supervised retrieval loss (the paper's code uses 0.05): on task examples "
                           "whose evidence is known (an 'evidence' field), cross-entropy of the memory search of the "
                           "segment that predicts the answer against the memory the evidence's segment wrote. "
-                          "Applies in stages with retrieval on."},
+                          "Applies in stages with retrieval on.",
+                  "min": 0},
     )
     data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
-    split_seed: int = 0
-    segments_per_window: int = field(default=2, metadata={"help": "S: segments unrolled per training window (BPTT depth)."})
-    window_stride: Optional[int] = field(default=None, metadata={"help": "Tokens between window starts (default: a window)."})
-    eval_documents: int = field(default=4, metadata={"help": "Validation documents scored at each evaluation."})
-    eval_max_tokens: int = field(default=4096, metadata={"help": "Tokens scored per validation document (its start)."})
-    eval_min_tokens: int = field(default=0, metadata={"help": "Score only validation documents at least this long."})
+    split_seed: int = field(default=0, metadata={"min": 0})
+    segments_per_window: int = field(default=2, metadata={"help": "S: segments unrolled per training window (BPTT depth).",
+                                                          "min": 1})
+    window_stride: Optional[int] = field(default=None, metadata={"help": "Tokens between window starts (default: a window).",
+                                                                 "min": 1})
+    eval_documents: int = field(default=4, metadata={"help": "Validation documents scored at each evaluation.", "min": 0})
+    eval_max_tokens: int = field(default=4096, metadata={"help": "Tokens scored per validation document (its start).",
+                                                         "min": 1})
+    eval_min_tokens: int = field(default=0, metadata={"help": "Score only validation documents at least this long.",
+                                                      "min": 0})
     # --- optimisation
-    steps: int = 100
-    batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step."})
-    grad_accum: int = 1
-    lr: float = 1e-4
+    steps: int = field(default=100, metadata={"min": 1})
+    batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step.", "min": 1})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=1e-4, metadata={"min": 0})
     hmt_lr: Optional[float] = field(
         default=None,
-        metadata={"help": "Learning rate of HMT's own parameters (T, initial memory, W_q, W_k, compression); None: lr."},
+        metadata={"help": "Learning rate of HMT's own parameters (T, initial memory, W_q, W_k, compression); None: lr.",
+                  "min": 0},
     )
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    warmup_steps: int = field(default=10, metadata={"min": 0})
     decay: str = field(default="step", metadata={"help": "'step' (x decay_gamma every decay_every steps, the paper's), 'cosine', 'constant'."})
-    decay_every: int = 100
-    decay_gamma: float = 0.8
-    max_grad_norm: float = 1.0
-    bptt_depth: Optional[int] = field(default=None, metadata={"help": "Truncate BPTT: detach the memory every K segments."})
+    decay_every: int = field(default=100, metadata={"min": 1})
+    decay_gamma: float = field(default=0.8, metadata={"above": 0, "max": 1})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this norm.", "above": 0})
+    bptt_depth: Optional[int] = field(default=None, metadata={"help": "Truncate BPTT: detach the memory every K segments.",
+                                                              "min": 1})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each segment in backward."})
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', 'fp16' or 'auto' (bf16 on a GPU that has it)."})
     # --- bookkeeping
     output_dir: str = "runs/hmt"
-    eval_every: int = 50
-    save_every: int = 50
-    log_every: int = 10
-    seed: int = 0
+    eval_every: int = field(default=50, metadata={"min": 1})
+    save_every: int = field(default=50, metadata={"min": 1})
+    log_every: int = field(default=10, metadata={"min": 1})
+    seed: int = field(default=0, metadata={"min": 0})
     tensorboard: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        import numbers
-
-        for name in FLOAT_FIELDS:  # YAML reads 1e-4 (no dot) as a string
-            value = getattr(self, name)
-            if value is None and name == "hmt_lr":
-                continue
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}.") from None
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}.")
-            setattr(self, name, float(value))
-        for name in INT_FIELDS:  # numpy integers are integers
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                setattr(self, name, int(value))
+        for f in fields(self):  # each value against its declared type and range (see _checked)
+            setattr(self, f.name, _checked(f, _FIELD_TYPES[f.name], getattr(self, f.name)))
         if not isinstance(self.use_memory, bool) and self.use_memory != "sensory":
             raise ValueError(f"TrainConfig.use_memory must be true, false or 'sensory', got {self.use_memory!r}.")
         if self.trainable not in TRAINABLE:
@@ -153,21 +142,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.decay must be 'step', 'cosine' or 'constant', got {self.decay!r}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.precision must be auto/fp32/bf16/fp16, got {self.precision!r}.")
-        for name in ("steps", "batch_size", "grad_accum", "segments_per_window", "eval_every", "save_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
-        if not 0 <= self.mix_fraction < 1:
-            raise ValueError(f"TrainConfig.mix_fraction must be in [0, 1), got {self.mix_fraction!r}.")
+        if (not isinstance(self.split_fractions, (list, tuple)) or len(self.split_fractions) != 3
+                or not all(_is_number(f) and f >= 0 for f in self.split_fractions)
+                or not math.isclose(sum(self.split_fractions), 1.0, abs_tol=1e-6)):
+            raise ValueError("TrainConfig.split_fractions must be three numbers >= 0 (train, validation, test) summing "
+                             f"to 1, got {self.split_fractions!r}.")
         if self.mix_fraction > 0 and (self.task != "qa" or self.mix_data is None):
             raise ValueError("TrainConfig.mix_fraction > 0 mixes language-model windows of mix_data into a 'qa' task: "
                              "set task: qa and mix_data.")
-        if self.retrieval_loss_weight < 0:
-            raise ValueError(f"TrainConfig.retrieval_loss_weight must be >= 0, got {self.retrieval_loss_weight!r}.")
         if self.retrieval_loss_weight > 0 and self.use_memory is not True:
             raise ValueError("TrainConfig.retrieval_loss_weight supervises HMT's memory search: it needs use_memory: true.")
-        if self.bptt_depth is not None and (not isinstance(self.bptt_depth, int) or self.bptt_depth < 1):
-            raise ValueError(f"TrainConfig.bptt_depth must be a positive integer or null, got {self.bptt_depth!r}.")
+        for name in ("data_options", "qa_options", "mix_data_options"):
+            _check_options(name, getattr(self, name), _accepted_options(name, self.task))
         self.hmt_config()  # validate the HMT fields now, not after loading a model
 
     def hmt_config(self) -> HMTConfig:
@@ -191,6 +177,82 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown training fields {unknown}; see `hmt train --help-fields`.")
         return cls(**values)
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _checked(f: dataclasses.Field, hint, value):
+    """``value`` of field ``f`` as its declared type (``int``, ``float``, ``bool``, ``str``, ``dict``,
+    ``Optional[...]`` of those; ``Any`` is checked elsewhere), within the bounds in its metadata
+    (``min``/``max`` inclusive, ``above``/``below`` exclusive). Anything else: a ValueError naming the field
+    and what it accepts."""
+    optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if hint not in (int, float, bool, str, dict):
+        return value
+    limits = f.metadata
+    bounds = [f">= {limits['min']}" if "min" in limits else f"> {limits['above']}" if "above" in limits else "",
+              f"<= {limits['max']}" if "max" in limits else f"< {limits['below']}" if "below" in limits else ""]
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping of options (YAML key: value)"}[hint]
+    accepts = " and ".join(b for b in bounds if b)
+    accepts = f"{kind} {accepts}".strip() + (" or null" if optional else "")
+    problem = ValueError(f"TrainConfig.{f.name} must be {accepts}, got {value!r}.")
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise problem from None
+    if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers are integers
+    elif hint is float and _is_number(value):
+        value = float(value)
+        if not math.isfinite(value):
+            raise problem
+    elif hint in (bool, str, dict):
+        if not isinstance(value, hint):
+            raise problem
+        return value
+    else:
+        raise problem
+    if (("min" in limits and value < limits["min"]) or ("above" in limits and value <= limits["above"])
+            or ("max" in limits and value > limits["max"]) or ("below" in limits and value >= limits["below"])):
+        raise problem
+    return value
+
+
+def _accepted_options(name: str, task: str) -> tuple:
+    """The keys ``TrainConfig.<name>`` may hold: the keyword arguments of the function it is passed to."""
+    import inspect
+
+    from . import data as hdata
+
+    def keywords(function, leave=()) -> tuple:
+        return tuple(p.name for p in inspect.signature(function).parameters.values()
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+                     and p.name not in leave)
+
+    documents = keywords(hdata.iter_documents) + keywords(hdata.TokenizedCorpus.from_source, leave=("progress",))
+    if name == "qa_options":
+        return keywords(hdata.QADataset, leave=("progress",))
+    if name == "data_options" and task == "qa":
+        return keywords(hdata.load_qa_examples)
+    return documents
+
+
+def _check_options(name: str, options: dict, accepted: Sequence[str]) -> None:
+    unknown = sorted(str(key) for key in options if key not in accepted)
+    if unknown:
+        raise ValueError(f"TrainConfig.{name}: unknown option(s) {', '.join(unknown)}; it accepts "
+                         f"{', '.join(accepted)}.")
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[tuple[str, TrainConfig]]:
@@ -217,10 +279,19 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[
         stages = [{"name": "main"}]
     elif recipe:
         raise ValueError(f"Recipe {path}: with 'stages', put shared fields under 'common' (found {sorted(recipe)}).")
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"Recipe {path}: 'stages' must be a non-empty list of stages (each a mapping with a name), "
+                         f"got {stages!r}; or drop 'stages' and put the fields at the top level.")
+    if not isinstance(common, dict):
+        raise ValueError(f"Recipe {path}: 'common' must be a mapping of fields, got {common!r}.")
     parsed = []
     for stage in stages:
+        if not isinstance(stage, dict):
+            raise ValueError(f"Recipe {path}: each stage must be a mapping of fields with a name, got {stage!r}.")
         stage = dict(stage)
-        name = stage.pop("name", f"stage{len(parsed) + 1}")
+        name = str(stage.pop("name", f"stage{len(parsed) + 1}"))
+        if name in (other for other, _ in parsed):
+            raise ValueError(f"Recipe {path}: two stages are named {name!r}; give each stage its own name.")
         values = _merge(common, stage)
         for item in overrides:
             key, _, raw = item.partition("=")
@@ -230,7 +301,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[
                 parsed_value = yaml.safe_load(raw)
             except yaml.YAMLError as err:
                 raise ValueError(f"--set {item}: the value is not valid YAML ({' '.join(str(err).split())}).") from err
-            _set_dotted(values, key.strip(), parsed_value)
+            _set_dotted(values, key.strip(), parsed_value, item)
         if "output_dir" not in stage:
             values["output_dir"] = str(Path(values.get("output_dir", "runs/hmt")) / name) if len(stages) > 1 else values.get("output_dir", "runs/hmt")
         parsed.append((name, values))
@@ -254,10 +325,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _set_dotted(values: dict, key: str, value: Any) -> None:
+def _set_dotted(values: dict, key: str, value: Any, item: str) -> None:
     *parents, last = key.split(".")
-    for part in parents:
+    if not all(key.split(".")):
+        raise ValueError(f"--set {item}: {key!r} is not a field name (e.g. steps=10 or hmt.segment_length=128).")
+    for depth, part in enumerate(parents):
         values = values.setdefault(part, {})
+        if not isinstance(values, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ValueError(f"--set {item}: {where} is {values!r}, not a mapping of options, so it has no {last!r}.")
     values[last] = value
 
 
@@ -826,7 +902,12 @@ def _pad_to_longest_across(batch: dict, accelerator, pad_id: int) -> dict:
 def run_recipe(path: str, stages: Optional[Sequence[str]] = None, overrides: Sequence[str] = (), resume: bool = True) -> list[TrainResult]:
     """Run a recipe's stages in order (or only ``stages``)."""
     results = []
-    for name, config in load_recipe(path, overrides):
+    recipe = load_recipe(path, overrides)
+    unknown = [name for name in stages or () if name not in {name for name, _ in recipe}]
+    if unknown:
+        raise ValueError(f"Recipe {path} has no stage {', '.join(map(repr, unknown))}; its stages: "
+                         f"{', '.join(name for name, _ in recipe)}.")
+    for name, config in recipe:
         if stages and name not in stages:
             continue
         if (Path(config.output_dir) / "final" / "hmt_config.json").is_file() and not stages:
