@@ -21,6 +21,7 @@ import numbers
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -548,9 +549,12 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    precision = config.precision
+    precision, notes = config.precision, _without_effect(config)
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():  # fp16 autocast is for GPUs
+        notes.append("precision: fp16 needs a CUDA GPU and this machine has none: the run is in fp32")
+        precision = "fp32"
     # Several processes without a GPU (torchrun / accelerate launch --multi_gpu on a CPU
     # machine): accelerate uses gloo only when told the run is on the CPU.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -558,6 +562,8 @@ def train(
     if cpu_ddp and _fsdp_requested():
         _fsdp_on_cpu(accelerator)
     fsdp = _is_fsdp(accelerator)
+    for note in notes:
+        _warn(accelerator, note)
     set_seed(config.seed)
     out_dir = Path(config.output_dir)
     if backbone is None:
@@ -568,6 +574,13 @@ def train(
             train_data, eval_data = build_data(config, tokenizer)
     model = build_model(config, backbone).to(accelerator.device)
     model.train()
+    supervise_retrieval = config.retrieval_loss_weight > 0 and model.config.use_retrieval
+    if config.retrieval_loss_weight > 0 and not model.config.use_retrieval:
+        _warn(accelerator, f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect: this stage runs with "
+                           "retrieval off (hmt.use_retrieval: false), so there is no memory search to supervise")
+    if supervise_retrieval:
+        for note in _evidence_report(train_data, model.config):
+            _warn(accelerator, note)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -582,6 +595,11 @@ def train(
     if resume and (checkpoint_dir / STATE_NAME).is_file():
         start_step = _load_training_state(checkpoint_dir, model, optimizer, scheduler, config)
         wrote_checkpoint = True
+        if start_step > config.steps:
+            raise ValueError(
+                f"{checkpoint_dir} holds this run at step {start_step}, past steps: {config.steps}. Raise steps to "
+                f"continue it, or start over (--no-resume, or resume=False) to train {config.steps} steps."
+            )
         accelerator.print(f"[hmt] resumed from {checkpoint_dir} at step {start_step}")
 
     from tqdm.auto import tqdm
@@ -597,6 +615,9 @@ def train(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+        note = _start_metrics(metrics_path, start_step)
+        if note:
+            accelerator.print(f"[hmt] {note}")
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process), desc="train")
     step = start_step
     tokens_seen, started = torch.zeros((), dtype=torch.long, device=accelerator.device), time.perf_counter()
@@ -609,7 +630,7 @@ def train(
                 interrupted = True
                 break
             order = batch_order(len(train_data), step, global_batch, config.seed)
-            losses = []
+            losses, retrieval_losses = [], []
             for micro in range(config.grad_accum):
                 base = micro * config.batch_size * world + rank * config.batch_size
                 items = [train_data[i] for i in order[base : base + config.batch_size]]
@@ -628,9 +649,12 @@ def train(
                         checkpoint_segments=config.gradient_checkpointing,
                     )
                 loss = out.loss
-                if config.retrieval_loss_weight > 0 and model.config.use_retrieval and "evidence_position" in batch:
-                    loss = loss + config.retrieval_loss_weight * supervised_retrieval_loss(
-                        out, batch["evidence_position"], batch["labels"], model.config.segment_length)
+                if supervise_retrieval:  # 0 for a micro-batch without placed evidence (e.g. mixed-in windows)
+                    retrieval = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"],
+                                                           model.config.segment_length)
+                                 if "evidence_position" in batch else out.loss.new_zeros(()))
+                    loss = loss + config.retrieval_loss_weight * retrieval
+                    retrieval_losses.append(retrieval.detach())
                 loss = loss / config.grad_accum
                 if config.grad_accum > 1 and micro < config.grad_accum - 1:
                     with accelerator.no_sync(wrapped):
@@ -646,8 +670,9 @@ def train(
             step += 1
             # Loss, norm and token count stay on the device until a step that logs: reading
             # them back every step would make the host wait for the GPU each time.
+            extra = {"retrieval_loss": accelerator.reduce(torch.stack(retrieval_losses).mean(), "mean")} if supervise_retrieval else {}
             pending.append((step, accelerator.reduce(torch.stack(losses).mean(), "mean"), grad_norm,
-                            scheduler.get_last_lr()[0]))
+                            scheduler.get_last_lr()[0], extra))
             evaluating = bool(eval_data) and (step % config.eval_every == 0 or step == config.steps)
             logging = step % config.log_every == 0 or evaluating or step == config.steps
             bar.update(1)
@@ -658,7 +683,9 @@ def train(
                 eval_result = evaluate_documents(model, eval_data, config.use_memory, accelerator, lockstep=fsdp)
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
                 record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
-            bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
+            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                            **{k: f"{record[k]:.3f}" for k in ("retrieval_loss",) if k in record},
+                            **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -712,19 +739,112 @@ def supervised_retrieval_loss(out, evidence_positions: torch.Tensor, labels: tor
 
 
 def _read_back(pending: list, history: list, tokens_seen: torch.Tensor, started: float) -> Optional[dict]:
-    """Move the steps in ``pending`` (step, loss, grad norm, lr; tensors on the device) into
-    ``history`` as numbers, with one read from the device; the last record also gets the
+    """Move the steps in ``pending`` (step, loss, grad norm, lr, a dict of further figures such as
+    ``retrieval_loss``; tensors on the device) into ``history`` as numbers, with one read from the device; the last record also gets the
     throughput so far. Returns that record (None when nothing was pending)."""
     if not pending:
         return None
-    values = torch.stack([torch.stack([loss.float(), torch.as_tensor(norm, device=loss.device).float()])
-                          for _, loss, norm, _ in pending]).tolist()
+    values = torch.stack([torch.stack([loss.float(), torch.as_tensor(norm, device=loss.device).float(),
+                                       *(v.float() for v in extra.values())])
+                          for _, loss, norm, _, extra in pending]).tolist()
     elapsed, seen = time.perf_counter() - started, int(tokens_seen)
-    for (done, _, _, lr), (loss, norm) in zip(pending, values):
-        history.append({"step": done, "loss": loss, "lr": lr, "grad_norm": norm})
+    for (done, _, _, lr, extra), (loss, norm, *more) in zip(pending, values):
+        history.append({"step": done, "loss": loss, "lr": lr, "grad_norm": norm, **dict(zip(extra, more))})
     pending.clear()
     history[-1].update(tokens_per_s=seen / elapsed, elapsed_s=elapsed)
     return history[-1]
+
+
+def _warn(accelerator, message: str) -> None:
+    """A setting that does not do what it seems to, said once (by the main process)."""
+    if accelerator.is_main_process:
+        print(f"[hmt] warning: {message}", file=sys.stderr, flush=True)
+
+
+def _without_effect(config: TrainConfig) -> list[str]:
+    """Fields this run sets that do nothing, each as a sentence saying so."""
+    notes = []
+    if config.mix_data is not None and config.mix_fraction == 0:
+        notes.append("mix_data has no effect with mix_fraction: 0 (no language-model window is mixed in); "
+                     "set mix_fraction, e.g. 0.25")
+    if config.mix_data is None and config.mix_data_options:
+        notes.append("mix_data_options has no effect without mix_data")
+    if config.task == "documents" and config.qa_options:
+        notes.append("qa_options has no effect with task: documents (they are for task: qa)")
+    if config.task == "documents" and config.retrieval_loss_weight > 0:
+        notes.append(f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect with task: documents "
+                     "(language-model windows name no evidence); it supervises task: qa examples with an evidence field")
+    return notes
+
+
+def _evidence_report(train_data, hmt_config: HMTConfig) -> list[str]:
+    """Check that the supervised retrieval loss has task examples to act on.
+
+    An example's evidence is placed when its passage is found in the (truncated) context
+    (:class:`hmt.data.QADataset`) and the memory of the evidence's segment ``e`` is in the cache
+    when the answer's segment ``q`` searches it: ``e < q`` (memories are written at the end of a
+    segment) and ``q - e <= num_memory_embeddings`` (the cache keeps the last N). The loss skips
+    every other example. Returns a warning that counts them (with an example of each reason);
+    raises a ``ValueError`` when no example can be placed. Datasets other than a ``QADataset``
+    (or a ``MixedDataset`` of one) are not checked.
+    """
+    from .data import MixedDataset, QADataset
+
+    tasks = train_data.primary if isinstance(train_data, MixedDataset) else train_data
+    if not isinstance(tasks, QADataset):
+        return []
+    L, N = hmt_config.segment_length, hmt_config.num_memory_embeddings
+    problems: dict = {}  # reason -> names of the examples
+    for example, position, problem, answer in zip(tasks.examples, tasks.evidence_positions, tasks.evidence_problems,
+                                                  tasks.answer_starts):
+        if position >= 0:
+            evidence, query = position // L, max(answer - 1, 0) // L
+            if evidence >= query:
+                problem = "in the answer's own segment (its memory is written after the search)"
+            elif query - evidence > N:
+                problem = f"evicted from the cache (more than num_memory_embeddings={N} segments before the answer)"
+        if problem:
+            problems.setdefault(problem, []).append(example.name or "?")
+    if not problems:
+        return []
+    missing = sum(len(names) for names in problems.values())
+    detail = "; ".join(f"{len(names)} {reason} (e.g. {names[0]})"
+                       for reason, names in sorted(problems.items(), key=lambda item: -len(item[1])))
+    if missing == len(tasks):
+        raise ValueError(
+            f"retrieval_loss_weight > 0, but no training example's evidence can be placed ({detail}). Give rows an "
+            "'evidence' field holding a passage of their context (data_options.evidence_field names another), or set "
+            "retrieval_loss_weight: 0."
+        )
+    return [f"the retrieval loss skips {missing} of {len(tasks)} training examples whose evidence cannot be placed: "
+            f"{detail}"]
+
+
+def _start_metrics(path: Path, start_step: int) -> Optional[str]:
+    """Make ``metrics.jsonl`` this run's alone: a new run moves an earlier run's file aside; a resumed run
+    drops the records past its checkpoint (it logs those steps again). Returns what it did, if anything."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    if start_step == 0:
+        number = 1
+        while (aside := path.with_name(f"{path.stem}.earlier-{number}{path.suffix}")).exists():
+            number += 1
+        os.replace(path, aside)
+        return f"{path} held an earlier run: moved to {aside.name}; this run's figures start a new file"
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= start_step
+        except (ValueError, KeyError, TypeError):  # a line cut short by the crash that stopped the run
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if not dropped:
+        return None
+    path.write_text("".join(line + "\n" for line in kept))
+    return f"{path}: dropped {dropped} record(s) past step {start_step}, the checkpoint this run resumes from"
 
 
 def _stop_on_sigterm():
