@@ -205,7 +205,8 @@ def _checked(f: dataclasses.Field, hint, value):
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a mapping of options (YAML key: value)"}[hint]
     accepts = " and ".join(b for b in bounds if b)
-    accepts = f"{kind} {accepts}".strip() + (" or null" if optional else "")
+    accepts = "a positive integer" if hint is int and accepts == ">= 1" else f"{kind} {accepts}".strip()
+    accepts += " or null" if optional else ""
     problem = ValueError(f"TrainConfig.{f.name} must be {accepts}, got {value!r}.")
     if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
         try:
