@@ -86,10 +86,12 @@ class TrainConfig:
         metadata={"help": "Weight of the supervised retrieval loss (the paper's code uses 0.05): on task examples "
                           "whose evidence is known (an 'evidence' field), cross-entropy of the memory search of the "
                           "segment that predicts the answer against the memory the evidence's segment wrote. "
-                          "Applies in stages with retrieval on.",
+                          "Applies in stages with retrieval on; logged as retrieval_loss. The run says how many "
+                          "examples' evidence cannot be placed and refuses when none can.",
                   "min": 0},
     )
-    data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents."})
+    data_options: dict = field(default_factory=dict, metadata={
+        "help": "Options for hmt.data.load_documents (task 'documents') or hmt.data.load_qa_examples (task 'qa')."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
     split_seed: int = field(default=0, metadata={"min": 0})
     segments_per_window: int = field(default=2, metadata={"help": "S: segments unrolled per training window (BPTT depth).",
@@ -200,14 +202,7 @@ def _checked(f: dataclasses.Field, hint, value):
     if hint not in (int, float, bool, str, dict):
         return value
     limits = f.metadata
-    bounds = [f">= {limits['min']}" if "min" in limits else f"> {limits['above']}" if "above" in limits else "",
-              f"<= {limits['max']}" if "max" in limits else f"< {limits['below']}" if "below" in limits else ""]
-    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping of options (YAML key: value)"}[hint]
-    accepts = " and ".join(b for b in bounds if b)
-    accepts = "a positive integer" if hint is int and accepts == ">= 1" else f"{kind} {accepts}".strip()
-    accepts += " or null" if optional else ""
-    problem = ValueError(f"TrainConfig.{f.name} must be {accepts}, got {value!r}.")
+    problem = ValueError(f"TrainConfig.{f.name} must be {_accepts(f)}, got {value!r}.")
     if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
         try:
             value = float(value)
@@ -229,6 +224,24 @@ def _checked(f: dataclasses.Field, hint, value):
             or ("max" in limits and value > limits["max"]) or ("below" in limits and value >= limits["below"])):
         raise problem
     return value
+
+
+def _accepts(f: dataclasses.Field) -> str:
+    """What field ``f`` accepts, in words ("a number > 0 and <= 1"); "" for a field checked elsewhere."""
+    hint = _FIELD_TYPES[f.name]
+    optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping of options (YAML key: value)"}.get(hint)
+    if kind is None:
+        return ""
+    limits = f.metadata
+    bounds = [f">= {limits['min']}" if "min" in limits else f"> {limits['above']}" if "above" in limits else "",
+              f"<= {limits['max']}" if "max" in limits else f"< {limits['below']}" if "below" in limits else ""]
+    accepts = " and ".join(b for b in bounds if b)
+    accepts = "a positive integer" if hint is int and accepts == ">= 1" else f"{kind} {accepts}".strip()
+    return accepts + (" or null" if optional else "")
 
 
 def _accepted_options(name: str, task: str) -> tuple:
@@ -1046,5 +1059,6 @@ def fields_help() -> str:
     lines = []
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}".rstrip(": "))
+        accepts = f"; {_accepts(f)}" if _accepts(f) and f.type not in ("str", "dict") else ""
+        lines.append(f"  {f.name} (default {default!r}{accepts}): {f.metadata.get('help', '')}".rstrip(": "))
     return "\n".join(lines)
