@@ -120,11 +120,14 @@ def test_resuming_past_steps_is_refused_and_metrics_hold_one_run(tmp_path, capsy
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_settings_without_effect_are_said(tmp_path, capsys):
+def test_settings_without_effect_are_said(tmp_path, capsys, tokenizer):
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(f"w{3 + (i * 7) % 120}" for i in range(600)))
     config = tiny_config(tmp_path, steps=1, precision="fp16", mix_data="kjv", qa_options={"max_length": 50},
-                         retrieval_loss_weight=0.1,
+                         retrieval_loss_weight=0.1, data=str(book),
                          hmt=dict(segment_length=L, sensory_memory_size=2, num_memory_embeddings=4, use_retrieval=False))
-    assert _run(config).steps == 1
+    result = train(config, backbone=tiny_backbone(), tokenizer=tokenizer)
+    assert result.steps == 1 and "retrieval_loss" not in result.history[-1]
     err = capsys.readouterr().err
     for says in ("fp16 needs a CUDA GPU and this machine has none: the run is in fp32",
                  "mix_data has no effect with mix_fraction: 0", "qa_options has no effect with task: documents",

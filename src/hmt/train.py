@@ -563,7 +563,8 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    precision, notes = config.precision, _without_effect(config)
+    own_data = train_data is None  # data built from config.data (else task, mix_data and their options are unused)
+    precision, notes = config.precision, _without_effect(config) if own_data else []
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not torch.cuda.is_available():  # fp16 autocast is for GPUs
@@ -588,7 +589,8 @@ def train(
             train_data, eval_data = build_data(config, tokenizer)
     model = build_model(config, backbone).to(accelerator.device)
     model.train()
-    supervise_retrieval = config.retrieval_loss_weight > 0 and model.config.use_retrieval
+    supervise_retrieval = (config.retrieval_loss_weight > 0 and model.config.use_retrieval
+                           and not (own_data and config.task == "documents"))
     if config.retrieval_loss_weight > 0 and not model.config.use_retrieval:
         _warn(accelerator, f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect: this stage runs with "
                            "retrieval off (hmt.use_retrieval: false), so there is no memory search to supervise")
