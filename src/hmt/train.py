@@ -134,7 +134,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):  # each value against its declared type and range (see _checked)
-            setattr(self, f.name, _checked(f, _FIELD_TYPES[f.name], getattr(self, f.name)))
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if not isinstance(self.use_memory, bool) and self.use_memory != "sensory":
             raise ValueError(f"TrainConfig.use_memory must be true, false or 'sensory', got {self.use_memory!r}.")
         if self.trainable not in TRAINABLE:
@@ -189,17 +189,21 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _checked(f: dataclasses.Field, hint, value):
+def _declared(f: dataclasses.Field) -> tuple:
+    """``(type, optional)`` of field ``f``: ``Optional[int]`` is ``(int, True)``."""
+    hint = _FIELD_TYPES[f.name]
+    if typing.get_origin(hint) is Union and type(None) in typing.get_args(hint):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
+    return hint, False
+
+
+def _checked(f: dataclasses.Field, value):
     """``value`` of field ``f`` as its declared type (``int``, ``float``, ``bool``, ``str``, ``dict``,
     ``Optional[...]`` of those; ``Any`` is checked elsewhere), within the bounds in its metadata
     (``min``/``max`` inclusive, ``above``/``below`` exclusive). Anything else: a ValueError naming the field
     and what it accepts."""
-    optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
-    if optional:
-        if value is None:
-            return None
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    if hint not in (int, float, bool, str, dict):
+    hint, optional = _declared(f)
+    if (optional and value is None) or hint not in (int, float, bool, str, dict):
         return value
     limits = f.metadata
     problem = ValueError(f"TrainConfig.{f.name} must be {_accepts(f)}, got {value!r}.")
@@ -228,10 +232,7 @@ def _checked(f: dataclasses.Field, hint, value):
 
 def _accepts(f: dataclasses.Field) -> str:
     """What field ``f`` accepts, in words ("a number > 0 and <= 1"); "" for a field checked elsewhere."""
-    hint = _FIELD_TYPES[f.name]
-    optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
-    if optional:
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    hint, optional = _declared(f)
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a mapping of options (YAML key: value)"}.get(hint)
     if kind is None:
@@ -1061,6 +1062,6 @@ def fields_help() -> str:
     lines = []
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        accepts = f"; {_accepts(f)}" if _accepts(f) and f.type not in ("str", "dict") else ""
+        accepts = f"; {_accepts(f)}" if _declared(f)[0] in (int, float, bool) else ""
         lines.append(f"  {f.name} (default {default!r}{accepts}): {f.metadata.get('help', '')}".rstrip(": "))
     return "\n".join(lines)
