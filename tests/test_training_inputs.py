@@ -284,3 +284,21 @@ def test_unplaceable_evidence_is_counted_and_none_placed_is_refused(tmp_path, to
     # without the retrieval loss, rows without evidence are fine and nothing is said
     train(_qa_config(tmp_path, bare), backbone=tiny_backbone(), tokenizer=tokenizer)
     assert "retrieval" not in capsys.readouterr().err
+
+
+def test_evidence_after_a_space_is_placed_at_its_token_by_a_bpe_tokenizer():
+    """A byte-level BPE tokenizer merges the space before a word into the word's token: the
+    evidence begins at that token, not one after it (where counting the tokens of the text before
+    the evidence, which ends in a lone space, would put it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["grass is green. The pass key is 12345. Remember it."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    context = "grass is green. grass is green. The pass key is 12345. Remember it. grass is green."
+    items = _dataset(tokenizer, context, "The pass key is 12345.")
+    position = items.evidence_positions[0]
+    assert tokenizer.convert_ids_to_tokens(int(items[0]["input_ids"][position])) == "\u0120The"  # "ĠThe": " The"

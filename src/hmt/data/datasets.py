@@ -207,7 +207,7 @@ class QADataset(Dataset):
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
-            moved = _kept  # where a context token lands after truncation (-1: cut away)
+            kept = [(0, len(c))]  # the [start, end) ranges of context tokens the item keeps
             if max_length is not None and len(c) + len(p) + len(a) > max_length:
                 keep = max_length - len(p) - len(a)
                 if keep < 0:
@@ -215,11 +215,9 @@ class QADataset(Dataset):
                         f"Example {ex.name!r}: prompt and answer alone take {len(p) + len(a)} tokens > max_length "
                         f"{max_length}."
                     )
-                moved = _truncation(len(c), keep, truncation)
-                whole, c = c, _truncate(c, keep, truncation)
-            else:
-                whole = c
-            evidence, problem = _place_evidence(tokenizer, context_template.format(**fields), whole, ex, moved)
+                kept = _kept_ranges(len(c), keep, truncation)
+            evidence, problem = _place_evidence(tokenizer, context_template.format(**fields), c, ex, kept)
+            c = [token for start, end in kept for token in c[start:end]]
             self.answer_starts.append(len(c) + len(p))
             self.evidence_positions.append(evidence)
             self.evidence_problems.append(problem)
@@ -239,35 +237,32 @@ class QADataset(Dataset):
         return item
 
 
-def _kept(position: int) -> int:
-    return position
-
-
-def _truncate(ids: Sequence[int], keep: int, side: str) -> list:
-    """``ids`` cut to ``keep`` tokens: the start (``"right"``), the end (``"left"``) or both ends (``"middle"``)."""
+def _kept_ranges(length: int, keep: int, side: str) -> List[Tuple[int, int]]:
+    """The ``[start, end)`` ranges of ``length`` context tokens that truncation to ``keep`` keeps: the
+    start (``"right"``), the end (``"left"``) or both ends (``"middle"``)."""
     if side == "left":
-        return list(ids[len(ids) - keep :])
+        return [(length - keep, length)]
     if side == "right":
-        return list(ids[:keep])
+        return [(0, keep)]
     head = keep // 2
-    return list(ids[:head]) + list(ids[len(ids) - (keep - head) :])
+    return [(0, head), (length - (keep - head), length)]
 
 
-def _truncation(length: int, keep: int, side: str):
-    """Where context token ``i`` of ``length`` lands when only ``keep`` stay (-1: cut away)."""
-    if side == "left":  # the end stays
-        return lambda i: i - (length - keep) if i >= length - keep else -1
-    if side == "right":  # the start stays
-        return lambda i: i if i < keep else -1
-    head = keep // 2
-    cut = length - (keep - head)  # tokens head .. cut - 1 go
-    return lambda i: i if i < head else (i - (cut - head) if i >= cut else -1)
+def _after_truncation(position: int, kept: Sequence[Tuple[int, int]]) -> int:
+    """Where context token ``position`` lands among the ``kept`` ranges (-1: cut away)."""
+    offset = 0
+    for start, end in kept:
+        if start <= position < end:
+            return offset + position - start
+        offset += end - start
+    return -1
 
 
-def _place_evidence(tokenizer, context: str, context_ids: Sequence[int], example: QAExample, moved) -> Tuple[int, str]:
+def _place_evidence(tokenizer, context: str, context_ids: Sequence[int], example: QAExample,
+                    kept: Sequence[Tuple[int, int]]) -> Tuple[int, str]:
     """``(token, problem)``: the token of the truncated context where ``example.evidence`` begins, or
-    -1 and why not. ``context_ids``: ``context`` tokenised, before truncation; ``moved(i)``: where its
-    token ``i`` is after truncation (-1: cut away).
+    -1 and why not. ``context_ids``: ``context`` tokenised, before truncation, which keeps the ranges
+    ``kept`` of it.
 
     The rules: the evidence is placed by its first token, the token that holds the passage's first
     character (so a passage that begins in the middle of a token is placed at that token). A passage
@@ -280,7 +275,7 @@ def _place_evidence(tokenizer, context: str, context_ids: Sequence[int], example
     if not found:
         return -1, "not found in the context"
     for where in reversed(found):  # the nearest the question first
-        token = moved(_token_holding(tokenizer, context, context_ids, where))
+        token = _after_truncation(_token_holding(tokenizer, context, context_ids, where), kept)
         if token >= 0:
             return token, ""
     return -1, "cut away by max_length"
@@ -288,17 +283,15 @@ def _place_evidence(tokenizer, context: str, context_ids: Sequence[int], example
 
 def _token_holding(tokenizer, text: str, ids: Sequence[int], char: int) -> int:
     """The index in ``ids`` (= ``text`` tokenised) of the token that holds character ``char``: the
-    length of the common start of ``ids`` and ``text[:char]`` tokenised (the two part where that
-    token is cut, or ``text[:char]`` ends on a token boundary)."""
+    length of the common start of ``ids`` and ``text[:char]`` tokenised (they part where that token is
+    cut, or ``text[:char]`` ends on a token boundary). Counting the tokens of ``text[:char]`` instead
+    would be one too many where a BPE tokenizer splits off the space before ``char``."""
     if char == 0:
         return 0
-    before = encode_batch(tokenizer, [text[:char]])[0]
-    common = 0
-    for a, b in zip(before, ids):
-        if a != b:
-            break
-        common += 1
-    return min(common, len(ids) - 1)
+    before = np.asarray(encode_batch(tokenizer, [text[:char]])[0], dtype=np.int64)
+    n = min(len(before), len(ids))
+    differ = np.flatnonzero(before[:n] != np.asarray(ids[:n], dtype=np.int64))
+    return min(int(differ[0]) if differ.size else n, len(ids) - 1)
 
 
 class MixedDataset(Dataset):
