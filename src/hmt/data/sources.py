@@ -184,8 +184,8 @@ def _row_document(row, text_field: str, name_field: Optional[str], default_name:
             return Document(row_name(row, name_field, default_name), field_text(row, text_field))
         except DataError as err:
             if isinstance(row, dict) and {"context", "answer"} <= set(row):
-                raise DataError(f"{err}. It looks like a task file ((context, prompt, answer) rows): documents "
-                                "need a text field (data_options.text_field); tasks are read with task: qa") from None
+                raise DataError(f"{err}. It looks like a task file ((context, prompt, answer) rows), which trains "
+                                "with task: qa; documents (data, mix_data, hmt eval --data) need a text field") from None
             raise
 
 
@@ -196,8 +196,6 @@ def iter_rows(source: Union[PathLike, Sequence[PathLike]]) -> Iterator[Tuple[str
     Raises:
         ValueError: a builtin corpus (documents, not rows) or a file that is not .jsonl/.json.
     """
-
-
     kind, value = _classify(source)
     if kind == "builtin":
         raise ValueError(f"{source!r} is a document corpus, not a task: pass a JSONL file or 'hf:...'.")
