@@ -103,7 +103,7 @@ def test_load_jsonl_and_json(tmp_path):
     assert docs == [Document("rows.jsonl:1", "first"), Document("rows.jsonl:2", "second")]
     assert [d.name for d in load_documents(path, name_field="id")] == ["x", "y"]
     assert [d.text for d in load_documents(path, text_field="meta.body")] == ["p1\np2", "q"]
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: field 'nope' not found"):
         load_documents(path, text_field="nope")
 
     (tmp_path / "rows.json").write_text(json.dumps(rows))
@@ -367,7 +367,7 @@ def test_load_qa_examples_fields(tmp_path):
     ]
     with pytest.raises(ValueError, match="not a task"):
         load_qa_examples("kjv")
-    with pytest.raises(KeyError, match="'context' not found"):
+    with pytest.raises(ValueError, match="prompts.jsonl:1: field 'context' not found"):
         load_qa_examples(prompts)
     with pytest.raises(FileNotFoundError):
         load_qa_examples(tmp_path / "missing.jsonl")

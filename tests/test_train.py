@@ -379,3 +379,22 @@ def test_supervised_retrieval_loss_trains_the_search_onto_the_evidence(tmp_path,
     supervised, unsupervised = evidence_loss(1.0), evidence_loss(0.0)
     # 3 memories to choose from: about log 3 = 1.1 without supervision (0.45 against 1.15 when written)
     assert supervised < 0.6 * unsupervised, (supervised, unsupervised)
+
+
+def test_a_run_removes_only_the_checkpoint_files_it_wrote(tmp_path):
+    """Folders named checkpoint/ and .checkpoint.staging/ that a user keeps in output_dir survive a
+    run that saves checkpoints into output_dir; the training state the run wrote goes."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "notes.txt").write_text("mine")
+    (tmp_path / ".checkpoint.staging").mkdir()
+    (tmp_path / ".checkpoint.staging" / "notes.txt").write_text("mine too")
+    result = _run(tiny_config(tmp_path, steps=4, save_every=2))
+    assert result.final_dir and (Path(result.final_dir) / "hmt_config.json").is_file()
+    assert (tmp_path / "checkpoint" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / ".checkpoint.staging" / "notes.txt").read_text() == "mine too"
+    assert not (tmp_path / "checkpoint" / "training_state.pt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint.staging-")]  # no staging left behind
+    untouched = tmp_path / "other"
+    (untouched / "checkpoint").mkdir(parents=True)  # a run that never saves leaves an empty user folder too
+    _run(tiny_config(untouched, steps=2, save_every=100))
+    assert (untouched / "checkpoint").is_dir()

@@ -17,11 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shutil
 import signal
+import sys
+import tempfile
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -35,11 +39,6 @@ from .config import HMTConfig
 from .model import HMT, IGNORE_INDEX, memory_mode
 
 TRAINABLE = ("memory", "lora", "full")
-FLOAT_FIELDS = ("lr", "hmt_lr", "weight_decay", "lora_dropout", "decay_gamma", "max_grad_norm", "mix_fraction",
-                "retrieval_loss_weight")
-INT_FIELDS = ("lora_r", "lora_alpha", "split_seed", "segments_per_window", "window_stride", "eval_documents",
-              "eval_max_tokens", "eval_min_tokens", "steps", "batch_size", "grad_accum", "warmup_steps", "decay_every",
-              "bptt_depth", "eval_every", "save_every", "log_every", "seed")
 STATE_NAME = "training_state.pt"
 
 
@@ -61,9 +60,9 @@ class TrainConfig:
     trainable: str = field(
         default="lora", metadata={"help": "What trains besides HMT's own parameters: 'memory' (nothing), 'lora', 'full'."}
     )
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: int = field(default=8, metadata={"min": 1})
+    lora_alpha: int = field(default=32, metadata={"min": 1})
+    lora_dropout: float = field(default=0.0, metadata={"min": 0, "below": 1})
     lora_target_modules: Any = field(default="all-linear", metadata={"help": "peft target_modules."})
     # --- data
     data: Any = field(default="kjv", metadata={"help": "Source for hmt.data: path, glob, JSONL, 'hf:NAME', 'kjv', ... or a list."})
@@ -79,39 +78,49 @@ class TrainConfig:
         metadata={"help": "With task 'qa': a document source (as 'data') whose language-model windows of S x L tokens "
                           "are mixed into the training items, so that a model taught a task keeps its perplexity."},
     )
-    mix_fraction: float = field(default=0.0, metadata={"help": "Share of training items drawn from mix_data (0 to <1)."})
+    mix_fraction: float = field(default=0.0, metadata={"help": "Share of training items drawn from mix_data (0 to <1).",
+                                                       "min": 0, "below": 1})
     mix_data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents of mix_data."})
     retrieval_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the supervised retrieval loss (the paper's code uses 0.05): on task examples "
                           "whose evidence is known (an 'evidence' field), cross-entropy of the memory search of the "
                           "segment that predicts the answer against the memory the evidence's segment wrote. "
-                          "Applies in stages with retrieval on."},
+                          "Applies in stages with retrieval on; logged as retrieval_loss. The run says how many "
+                          "examples' evidence cannot be placed and refuses when none can.",
+                  "min": 0},
     )
-    data_options: dict = field(default_factory=dict, metadata={"help": "Options for hmt.data.load_documents."})
+    data_options: dict = field(default_factory=dict, metadata={
+        "help": "Options for hmt.data.load_documents (task 'documents') or hmt.data.load_qa_examples (task 'qa')."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
-    split_seed: int = 0
-    segments_per_window: int = field(default=2, metadata={"help": "S: segments unrolled per training window (BPTT depth)."})
-    window_stride: Optional[int] = field(default=None, metadata={"help": "Tokens between window starts (default: a window)."})
-    eval_documents: int = field(default=4, metadata={"help": "Validation documents scored at each evaluation."})
-    eval_max_tokens: int = field(default=4096, metadata={"help": "Tokens scored per validation document (its start)."})
-    eval_min_tokens: int = field(default=0, metadata={"help": "Score only validation documents at least this long."})
+    split_seed: int = field(default=0, metadata={"min": 0})
+    segments_per_window: int = field(default=2, metadata={"help": "S: segments unrolled per training window (BPTT depth).",
+                                                          "min": 1})
+    window_stride: Optional[int] = field(default=None, metadata={"help": "Tokens between window starts (default: a window).",
+                                                                 "min": 1})
+    eval_documents: int = field(default=4, metadata={"help": "Validation documents scored at each evaluation.", "min": 0})
+    eval_max_tokens: int = field(default=4096, metadata={"help": "Tokens scored per validation document (its start).",
+                                                         "min": 1})
+    eval_min_tokens: int = field(default=0, metadata={"help": "Score only validation documents at least this long.",
+                                                      "min": 0})
     # --- optimisation
-    steps: int = 100
-    batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step."})
-    grad_accum: int = 1
-    lr: float = 1e-4
+    steps: int = field(default=100, metadata={"min": 1})
+    batch_size: int = field(default=2, metadata={"help": "Windows per process per micro-step.", "min": 1})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=1e-4, metadata={"min": 0})
     hmt_lr: Optional[float] = field(
         default=None,
-        metadata={"help": "Learning rate of HMT's own parameters (T, initial memory, W_q, W_k, compression); None: lr."},
+        metadata={"help": "Learning rate of HMT's own parameters (T, initial memory, W_q, W_k, compression); None: lr.",
+                  "min": 0},
     )
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    warmup_steps: int = field(default=10, metadata={"min": 0})
     decay: str = field(default="step", metadata={"help": "'step' (x decay_gamma every decay_every steps, the paper's), 'cosine', 'constant'."})
-    decay_every: int = 100
-    decay_gamma: float = 0.8
-    max_grad_norm: float = 1.0
-    bptt_depth: Optional[int] = field(default=None, metadata={"help": "Truncate BPTT: detach the memory every K segments."})
+    decay_every: int = field(default=100, metadata={"min": 1})
+    decay_gamma: float = field(default=0.8, metadata={"above": 0, "max": 1})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this norm.", "above": 0})
+    bptt_depth: Optional[int] = field(default=None, metadata={"help": "Truncate BPTT: detach the memory every K segments.",
+                                                              "min": 1})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each segment in backward."})
     sparse_bptt: bool = field(
         default=False,
@@ -123,32 +132,16 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', 'fp16' or 'auto' (bf16 on a GPU that has it)."})
     # --- bookkeeping
     output_dir: str = "runs/hmt"
-    eval_every: int = 50
-    save_every: int = 50
-    log_every: int = 10
-    seed: int = 0
+    eval_every: int = field(default=50, metadata={"min": 1})
+    save_every: int = field(default=50, metadata={"min": 1})
+    log_every: int = field(default=10, metadata={"min": 1})
+    seed: int = field(default=0, metadata={"min": 0})
     tensorboard: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        import numbers
-
-        for name in FLOAT_FIELDS:  # YAML reads 1e-4 (no dot) as a string
-            value = getattr(self, name)
-            if value is None and name == "hmt_lr":
-                continue
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}.") from None
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}.")
-            setattr(self, name, float(value))
-        for name in INT_FIELDS:  # numpy integers are integers
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                setattr(self, name, int(value))
+        for f in fields(self):  # each value against its declared type and range (see _checked)
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if not isinstance(self.use_memory, bool) and self.use_memory != "sensory":
             raise ValueError(f"TrainConfig.use_memory must be true, false or 'sensory', got {self.use_memory!r}.")
         if self.trainable not in TRAINABLE:
@@ -159,21 +152,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.decay must be 'step', 'cosine' or 'constant', got {self.decay!r}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.precision must be auto/fp32/bf16/fp16, got {self.precision!r}.")
-        for name in ("steps", "batch_size", "grad_accum", "segments_per_window", "eval_every", "save_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
-        if not 0 <= self.mix_fraction < 1:
-            raise ValueError(f"TrainConfig.mix_fraction must be in [0, 1), got {self.mix_fraction!r}.")
+        if (not isinstance(self.split_fractions, (list, tuple)) or len(self.split_fractions) != 3
+                or not all(_is_number(f) and f >= 0 for f in self.split_fractions)
+                or not math.isclose(sum(self.split_fractions), 1.0, abs_tol=1e-6)):
+            raise ValueError("TrainConfig.split_fractions must be three numbers >= 0 (train, validation, test) summing "
+                             f"to 1, got {self.split_fractions!r}.")
         if self.mix_fraction > 0 and (self.task != "qa" or self.mix_data is None):
             raise ValueError("TrainConfig.mix_fraction > 0 mixes language-model windows of mix_data into a 'qa' task: "
                              "set task: qa and mix_data.")
-        if self.retrieval_loss_weight < 0:
-            raise ValueError(f"TrainConfig.retrieval_loss_weight must be >= 0, got {self.retrieval_loss_weight!r}.")
         if self.retrieval_loss_weight > 0 and self.use_memory is not True:
             raise ValueError("TrainConfig.retrieval_loss_weight supervises HMT's memory search: it needs use_memory: true.")
-        if self.bptt_depth is not None and (not isinstance(self.bptt_depth, int) or self.bptt_depth < 1):
-            raise ValueError(f"TrainConfig.bptt_depth must be a positive integer or null, got {self.bptt_depth!r}.")
+        for name in ("data_options", "qa_options", "mix_data_options"):
+            _check_options(name, getattr(self, name), _accepted_options(name, self.task))
         self.hmt_config()  # validate the HMT fields now, not after loading a model
 
     def hmt_config(self) -> HMTConfig:
@@ -197,6 +187,95 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown training fields {unknown}; see `hmt train --help-fields`.")
         return cls(**values)
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _declared(f: dataclasses.Field) -> tuple:
+    """``(type, optional)`` of field ``f``: ``Optional[int]`` is ``(int, True)``."""
+    hint = _FIELD_TYPES[f.name]
+    if typing.get_origin(hint) is Union and type(None) in typing.get_args(hint):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
+    return hint, False
+
+
+def _checked(f: dataclasses.Field, value):
+    """``value`` of field ``f`` as its declared type (``int``, ``float``, ``bool``, ``str``, ``dict``,
+    ``Optional[...]`` of those; ``Any`` is checked elsewhere), within the bounds in its metadata
+    (``min``/``max`` inclusive, ``above``/``below`` exclusive). Anything else: a ValueError naming the field
+    and what it accepts."""
+    hint, optional = _declared(f)
+    if (optional and value is None) or hint not in (int, float, bool, str, dict):
+        return value
+    limits = f.metadata
+    problem = ValueError(f"TrainConfig.{f.name} must be {_accepts(f)}, got {value!r}.")
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise problem from None
+    if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers are integers
+    elif hint is float and _is_number(value):
+        value = float(value)
+        if not math.isfinite(value):
+            raise problem
+    elif hint in (bool, str, dict):
+        if not isinstance(value, hint):
+            raise problem
+        return value
+    else:
+        raise problem
+    if (("min" in limits and value < limits["min"]) or ("above" in limits and value <= limits["above"])
+            or ("max" in limits and value > limits["max"]) or ("below" in limits and value >= limits["below"])):
+        raise problem
+    return value
+
+
+def _accepts(f: dataclasses.Field) -> str:
+    """What field ``f`` accepts, in words ("a number > 0 and <= 1"); "" for a field checked elsewhere."""
+    hint, optional = _declared(f)
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping of options (YAML key: value)"}.get(hint)
+    if kind is None:
+        return ""
+    limits = f.metadata
+    bounds = [f">= {limits['min']}" if "min" in limits else f"> {limits['above']}" if "above" in limits else "",
+              f"<= {limits['max']}" if "max" in limits else f"< {limits['below']}" if "below" in limits else ""]
+    accepts = " and ".join(b for b in bounds if b)
+    accepts = "a positive integer" if hint is int and accepts == ">= 1" else f"{kind} {accepts}".strip()
+    return accepts + (" or null" if optional else "")
+
+
+def _accepted_options(name: str, task: str) -> tuple:
+    """The keys ``TrainConfig.<name>`` may hold: the keyword arguments of the function it is passed to."""
+    import inspect
+
+    from . import data as hdata
+
+    def keywords(function, leave=()) -> tuple:
+        return tuple(p.name for p in inspect.signature(function).parameters.values()
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+                     and p.name not in leave)
+
+    documents = keywords(hdata.iter_documents) + keywords(hdata.TokenizedCorpus.from_source, leave=("progress",))
+    if name == "qa_options":
+        return keywords(hdata.QADataset, leave=("progress",))
+    if name == "data_options" and task == "qa":
+        return keywords(hdata.load_qa_examples)
+    return documents
+
+
+def _check_options(name: str, options: dict, accepted: Sequence[str]) -> None:
+    unknown = sorted(str(key) for key in options if key not in accepted)
+    if unknown:
+        raise ValueError(f"TrainConfig.{name}: unknown option(s) {', '.join(unknown)}; it accepts "
+                         f"{', '.join(accepted)}.")
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[tuple[str, TrainConfig]]:
@@ -223,10 +302,19 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[
         stages = [{"name": "main"}]
     elif recipe:
         raise ValueError(f"Recipe {path}: with 'stages', put shared fields under 'common' (found {sorted(recipe)}).")
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"Recipe {path}: 'stages' must be a non-empty list of stages (each a mapping with a name), "
+                         f"got {stages!r}; or drop 'stages' and put the fields at the top level.")
+    if not isinstance(common, dict):
+        raise ValueError(f"Recipe {path}: 'common' must be a mapping of fields, got {common!r}.")
     parsed = []
     for stage in stages:
+        if not isinstance(stage, dict):
+            raise ValueError(f"Recipe {path}: each stage must be a mapping of fields with a name, got {stage!r}.")
         stage = dict(stage)
-        name = stage.pop("name", f"stage{len(parsed) + 1}")
+        name = str(stage.pop("name", f"stage{len(parsed) + 1}"))
+        if name in (other for other, _ in parsed):
+            raise ValueError(f"Recipe {path}: two stages are named {name!r}; give each stage its own name.")
         values = _merge(common, stage)
         for item in overrides:
             key, _, raw = item.partition("=")
@@ -236,7 +324,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[
                 parsed_value = yaml.safe_load(raw)
             except yaml.YAMLError as err:
                 raise ValueError(f"--set {item}: the value is not valid YAML ({' '.join(str(err).split())}).") from err
-            _set_dotted(values, key.strip(), parsed_value)
+            _set_dotted(values, key.strip(), parsed_value, item)
         if "output_dir" not in stage:
             values["output_dir"] = str(Path(values.get("output_dir", "runs/hmt")) / name) if len(stages) > 1 else values.get("output_dir", "runs/hmt")
         parsed.append((name, values))
@@ -260,10 +348,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _set_dotted(values: dict, key: str, value: Any) -> None:
+def _set_dotted(values: dict, key: str, value: Any, item: str) -> None:
     *parents, last = key.split(".")
-    for part in parents:
+    if not all(key.split(".")):
+        raise ValueError(f"--set {item}: {key!r} is not a field name (e.g. steps=10 or hmt.segment_length=128).")
+    for depth, part in enumerate(parents):
         values = values.setdefault(part, {})
+        if not isinstance(values, dict):
+            where = ".".join(parents[: depth + 1])
+            raise ValueError(f"--set {item}: {where} is {values!r}, not a mapping of options, so it has no {last!r}.")
     values[last] = value
 
 
@@ -478,9 +571,13 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    precision = config.precision
+    own_data = train_data is None  # data built from config.data (else task, mix_data and their options are unused)
+    precision, notes = config.precision, _without_effect(config) if own_data else []
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():  # fp16 autocast is for GPUs
+        notes.append("precision: fp16 needs a CUDA GPU and this machine has none: the run is in fp32")
+        precision = "fp32"
     # Several processes without a GPU (torchrun / accelerate launch --multi_gpu on a CPU
     # machine): accelerate uses gloo only when told the run is on the CPU.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -488,6 +585,8 @@ def train(
     if cpu_ddp and _fsdp_requested():
         _fsdp_on_cpu(accelerator)
     fsdp = _is_fsdp(accelerator)
+    for note in notes:
+        _warn(accelerator, note)
     set_seed(config.seed)
     out_dir = Path(config.output_dir)
     if backbone is None:
@@ -498,6 +597,14 @@ def train(
             train_data, eval_data = build_data(config, tokenizer)
     model = build_model(config, backbone).to(accelerator.device)
     model.train()
+    supervise_retrieval = (config.retrieval_loss_weight > 0 and model.config.use_retrieval
+                           and not (own_data and config.task == "documents"))
+    if config.retrieval_loss_weight > 0 and not model.config.use_retrieval:
+        _warn(accelerator, f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect: this stage runs with "
+                           "retrieval off (hmt.use_retrieval: false), so there is no memory search to supervise")
+    if supervise_retrieval:
+        for note in _evidence_report(train_data, model.config):
+            _warn(accelerator, note)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -508,8 +615,15 @@ def train(
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     # under FSDP the model now holds sharded parameters (DTensors) in place of the ones above
     params = [p for p in model.parameters() if p.requires_grad]
+    wrote_checkpoint = False  # the training state in checkpoint_dir is this run's: removed once final is written
     if resume and (checkpoint_dir / STATE_NAME).is_file():
         start_step = _load_training_state(checkpoint_dir, model, optimizer, scheduler, config)
+        wrote_checkpoint = True
+        if start_step > config.steps:
+            raise ValueError(
+                f"{checkpoint_dir} holds this run at step {start_step}, past steps: {config.steps}. Raise steps to "
+                f"continue it, or start over (--no-resume, or resume=False) to train {config.steps} steps."
+            )
         accelerator.print(f"[hmt] resumed from {checkpoint_dir} at step {start_step}")
 
     from tqdm.auto import tqdm
@@ -525,6 +639,9 @@ def train(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+        note = _start_metrics(metrics_path, start_step)
+        if note:
+            accelerator.print(f"[hmt] {note}")
     bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process), desc="train")
     step = start_step
     # tokens read (every real position of the inputs) and tokens scored (those with a label)
@@ -538,7 +655,7 @@ def train(
                 interrupted = True
                 break
             order = batch_order(len(train_data), step, global_batch, config.seed)
-            losses = []
+            losses, retrieval_losses = [], []
             for micro in range(config.grad_accum):
                 base = micro * config.batch_size * world + rank * config.batch_size
                 items = [train_data[i] for i in order[base : base + config.batch_size]]
@@ -558,9 +675,12 @@ def train(
                         grad_segments=sparse_bptt_segments(batch, model.config.segment_length) if config.sparse_bptt else None,
                     )
                 loss = out.loss
-                if config.retrieval_loss_weight > 0 and model.config.use_retrieval and "evidence_position" in batch:
-                    loss = loss + config.retrieval_loss_weight * supervised_retrieval_loss(
-                        out, batch["evidence_position"], batch["labels"], model.config.segment_length)
+                if supervise_retrieval:  # 0 for a micro-batch without placed evidence (e.g. mixed-in windows)
+                    retrieval = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"],
+                                                           model.config.segment_length)
+                                 if "evidence_position" in batch else out.loss.new_zeros(()))
+                    loss = loss + config.retrieval_loss_weight * retrieval
+                    retrieval_losses.append(retrieval.detach())
                 loss = loss / config.grad_accum
                 if config.grad_accum > 1 and micro < config.grad_accum - 1:
                     with accelerator.no_sync(wrapped):
@@ -576,8 +696,9 @@ def train(
             step += 1
             # Loss, norm and token count stay on the device until a step that logs: reading
             # them back every step would make the host wait for the GPU each time.
+            extra = {"retrieval_loss": accelerator.reduce(torch.stack(retrieval_losses).mean(), "mean")} if supervise_retrieval else {}
             pending.append((step, accelerator.reduce(torch.stack(losses).mean(), "mean"), grad_norm,
-                            scheduler.get_last_lr()[0]))
+                            scheduler.get_last_lr()[0], extra))
             evaluating = bool(eval_data) and (step % config.eval_every == 0 or step == config.steps)
             logging = step % config.log_every == 0 or evaluating or step == config.steps
             bar.update(1)
@@ -589,6 +710,7 @@ def train(
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
                 record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **{k: f"{record[k]:.3f}" for k in ("retrieval_loss",) if k in record},
                             **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:
@@ -599,6 +721,7 @@ def train(
                             writer.add_scalar(key, value, step)
             if step % config.save_every == 0 and step < config.steps:
                 _save_training_state(checkpoint_dir, model, optimizer, scheduler, step, config, accelerator)
+                wrote_checkpoint = True
     except KeyboardInterrupt:
         interrupted = True
         accelerator.print(f"\n[hmt] interrupted at step {step}: saving a checkpoint to resume from")
@@ -616,7 +739,8 @@ def train(
         from .checkpoint import save
 
         save(model, final_dir, trained_backbone=_trained_kind(config), state_dict=full_state)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if wrote_checkpoint:
+            _remove_training_state(checkpoint_dir)
     accelerator.wait_for_everyone()
     if writer is not None:
         writer.close()
@@ -654,20 +778,113 @@ def supervised_retrieval_loss(out, evidence_positions: torch.Tensor, labels: tor
 
 
 def _read_back(pending: list, history: list, tokens_seen: torch.Tensor, started: float) -> Optional[dict]:
-    """Move the steps in ``pending`` (step, loss, grad norm, lr; tensors on the device) into
-    ``history`` as numbers, with one read from the device; the last record also gets the
+    """Move the steps in ``pending`` (step, loss, grad norm, lr, a dict of further figures such as
+    ``retrieval_loss``; tensors on the device) into ``history`` as numbers, with one read from the device; the last record also gets the
     throughput so far. Returns that record (None when nothing was pending)."""
     if not pending:
         return None
-    values = torch.stack([torch.stack([loss.float(), torch.as_tensor(norm, device=loss.device).float()])
-                          for _, loss, norm, _ in pending]).tolist()
+    values = torch.stack([torch.stack([loss.float(), torch.as_tensor(norm, device=loss.device).float(),
+                                       *(v.float() for v in extra.values())])
+                          for _, loss, norm, _, extra in pending]).tolist()
     elapsed, (read, scored) = time.perf_counter() - started, tokens_seen.tolist()
-    for (done, _, _, lr), (loss, norm) in zip(pending, values):
-        history.append({"step": done, "loss": loss, "lr": lr, "grad_norm": norm})
+    for (done, _, _, lr, extra), (loss, norm, *more) in zip(pending, values):
+        history.append({"step": done, "loss": loss, "lr": lr, "grad_norm": norm, **dict(zip(extra, more))})
     pending.clear()
     # tokens_per_s: every token the model read (the work done); scored_tokens_per_s: those with a loss
     history[-1].update(tokens_per_s=read / elapsed, scored_tokens_per_s=scored / elapsed, elapsed_s=elapsed)
     return history[-1]
+
+
+def _warn(accelerator, message: str) -> None:
+    """A setting that does not do what it seems to, said once (by the main process)."""
+    if accelerator.is_main_process:
+        print(f"[hmt] warning: {message}", file=sys.stderr, flush=True)
+
+
+def _without_effect(config: TrainConfig) -> list[str]:
+    """Fields this run sets that do nothing, each as a sentence saying so."""
+    notes = []
+    if config.mix_data is not None and config.mix_fraction == 0:
+        notes.append("mix_data has no effect with mix_fraction: 0 (no language-model window is mixed in); "
+                     "set mix_fraction, e.g. 0.25")
+    if config.mix_data is None and config.mix_data_options:
+        notes.append("mix_data_options has no effect without mix_data")
+    if config.task == "documents" and config.qa_options:
+        notes.append("qa_options has no effect with task: documents (they are for task: qa)")
+    if config.task == "documents" and config.retrieval_loss_weight > 0:
+        notes.append(f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect with task: documents "
+                     "(language-model windows name no evidence); it supervises task: qa examples with an evidence field")
+    return notes
+
+
+def _evidence_report(train_data, hmt_config: HMTConfig) -> list[str]:
+    """Check that the supervised retrieval loss has task examples to act on.
+
+    An example's evidence is placed when its passage is found in the (truncated) context
+    (:class:`hmt.data.QADataset`) and the memory of the evidence's segment ``e`` is in the cache
+    when the answer's segment ``q`` searches it: ``e < q`` (memories are written at the end of a
+    segment) and ``q - e <= num_memory_embeddings`` (the cache keeps the last N). The loss skips
+    every other example. Returns a warning that counts them (with an example of each reason);
+    raises a ``ValueError`` when no example can be placed. Datasets other than a ``QADataset``
+    (or a ``MixedDataset`` of one) are not checked.
+    """
+    from .data import MixedDataset, QADataset
+
+    tasks = train_data.primary if isinstance(train_data, MixedDataset) else train_data
+    if not isinstance(tasks, QADataset):
+        return []
+    L, N = hmt_config.segment_length, hmt_config.num_memory_embeddings
+    problems: dict = {}  # reason -> names of the examples
+    for example, position, problem, answer in zip(tasks.examples, tasks.evidence_positions, tasks.evidence_problems,
+                                                  tasks.answer_starts):
+        if position >= 0:
+            evidence, query = position // L, max(answer - 1, 0) // L
+            if evidence >= query:
+                problem = "in the answer's own segment (its memory is written after the search)"
+            elif query - evidence > N:
+                problem = f"evicted from the cache (more than num_memory_embeddings={N} segments before the answer)"
+        if problem:
+            problems.setdefault(problem, []).append(example.name or "?")
+    if not problems:
+        return []
+    missing = sum(len(names) for names in problems.values())
+    detail = "; ".join(f"{len(names)} {reason} (e.g. {names[0]})"
+                       for reason, names in sorted(problems.items(), key=lambda item: -len(item[1])))
+    if missing == len(tasks):
+        raise ValueError(
+            f"retrieval_loss_weight > 0, but no training example's evidence can be placed ({detail}). Give rows an "
+            "'evidence' field holding a passage of their context (data_options.evidence_field names another), or set "
+            "retrieval_loss_weight: 0."
+        )
+    return [f"the retrieval loss skips {missing} of {len(tasks)} training examples whose evidence cannot be placed: "
+            f"{detail}"]
+
+
+def _start_metrics(path: Path, start_step: int) -> Optional[str]:
+    """Make ``metrics.jsonl`` this run's alone: a new run moves an earlier run's file aside; a resumed run
+    drops the records past its checkpoint (it logs those steps again). Returns what it did, if anything."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    if start_step == 0:
+        number = 1
+        while (aside := path.with_name(f"{path.stem}.earlier-{number}{path.suffix}")).exists():
+            number += 1
+        os.replace(path, aside)
+        return f"{path} held an earlier run: moved to {aside.name}; this run's figures start a new file"
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= start_step
+        except (ValueError, KeyError, TypeError):  # a line cut short by the crash that stopped the run
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if not dropped:
+        return None
+    path.write_text("".join(line + "\n" for line in kept))
+    return f"{path}: dropped {dropped} record(s) past step {start_step}, the checkpoint this run resumes from"
 
 
 def _stop_on_sigterm():
@@ -707,9 +924,8 @@ def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step
     optimizer_state = _full_tree(optimizer.state_dict())
     if accelerator.is_main_process:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = directory.with_name(f".{directory.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        # A fresh staging folder of its own: never one a user (or another run) already has.
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
         state = {
             "step": step,
             "identity": json.dumps(config.identity(), sort_keys=True),
@@ -719,9 +935,22 @@ def _save_training_state(directory: Path, model: HMT, optimizer, scheduler, step
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        torch.save(state, staging / STATE_NAME)
-        replace_dir(staging, directory)
+        try:
+            torch.save(state, staging / STATE_NAME)
+            replace_dir(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _remove_training_state(directory: Path) -> None:
+    """Remove the training state this run wrote in ``directory``, and the folder if nothing else is in it
+    (files a user keeps there stay)."""
+    (directory / STATE_NAME).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (or gone): leave it
+        pass
 
 
 def _load_training_state(directory: Path, model: HMT, optimizer, scheduler, config: TrainConfig) -> int:
@@ -833,7 +1062,12 @@ def _pad_to_longest_across(batch: dict, accelerator, pad_id: int) -> dict:
 def run_recipe(path: str, stages: Optional[Sequence[str]] = None, overrides: Sequence[str] = (), resume: bool = True) -> list[TrainResult]:
     """Run a recipe's stages in order (or only ``stages``)."""
     results = []
-    for name, config in load_recipe(path, overrides):
+    recipe = load_recipe(path, overrides)
+    unknown = [name for name in stages or () if name not in {name for name, _ in recipe}]
+    if unknown:
+        raise ValueError(f"Recipe {path} has no stage {', '.join(map(repr, unknown))}; its stages: "
+                         f"{', '.join(name for name, _ in recipe)}.")
+    for name, config in recipe:
         if stages and name not in stages:
             continue
         if (Path(config.output_dir) / "final" / "hmt_config.json").is_file() and not stages:
@@ -851,5 +1085,6 @@ def fields_help() -> str:
     lines = []
     for f in fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}".rstrip(": "))
+        accepts = f"; {_accepts(f)}" if _declared(f)[0] in (int, float, bool) else ""
+        lines.append(f"  {f.name} (default {default!r}{accepts}): {f.metadata.get('help', '')}".rstrip(": "))
     return "\n".join(lines)

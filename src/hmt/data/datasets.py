@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .corpus import TokenizedCorpus, encode_batch
-from .sources import PathLike, as_text, field_text, iter_rows, row_name
+from .sources import DataError, PathLike, field_text, iter_rows, json_kind, located, row_name
 
 
 class WindowDataset(Dataset):
@@ -89,6 +90,8 @@ class QAExample:
     answer: str
     name: str = ""
     evidence: str = ""  # a passage of ``context`` that holds the answer (e.g. a passkey's sentence), if known
+    # why a row's evidence field gave no passage ("no 'evidence' field", "'evidence' is a list, not text"), if so
+    evidence_problem: str = field(default="", compare=False)
 
 
 def load_qa_examples(
@@ -114,22 +117,35 @@ def load_qa_examples(
         limit: stop after this many examples.
     """
     examples = []
-    for default_name, row in iter_rows(source):
+    for default_name, row, where in iter_rows(source):
         if limit is not None and len(examples) >= limit:
             break
         pf = prompt_field
         if pf is None:
             pf = "prompt" if isinstance(row, dict) and "prompt" in row else "question"
-        examples.append(
-            QAExample(
-                context=field_text(row, context_field),
-                prompt=field_text(row, pf),
-                answer=field_text(row, answer_field, first=True),
-                name=row_name(row, name_field, default_name),
-                evidence=as_text(row.get(evidence_field, "")) if isinstance(row, dict) else "",
+        with located(where):  # a wrong row says where: "data/qa.jsonl:12: field 'answer' not found (...)"
+            evidence, problem = _evidence_text(row, evidence_field)
+            examples.append(
+                QAExample(
+                    context=field_text(row, context_field),
+                    prompt=field_text(row, pf),
+                    answer=field_text(row, answer_field, first=True),
+                    name=row_name(row, name_field, default_name),
+                    evidence=evidence,
+                    evidence_problem=problem,
+                )
             )
-        )
     return examples
+
+
+def _evidence_text(row, evidence_field: str) -> Tuple[str, str]:
+    """``(passage, problem)``: the row's evidence, or why there is none (only the retrieval loss needs it)."""
+    value = row.get(evidence_field) if isinstance(row, dict) else None
+    if isinstance(row, dict) and evidence_field not in row:
+        return "", f"the row has no field {evidence_field!r}"
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return (str(value), "") if str(value) else ("", f"{evidence_field!r} is empty")
+    return "", f"{evidence_field!r} is a JSON {json_kind(value)}, not a passage of text"
 
 
 class QADataset(Dataset):
@@ -153,8 +169,10 @@ class QADataset(Dataset):
     Items: ``{"input_ids": LongTensor(T), "labels": LongTensor(T)}``, T varying; batch them
     with :func:`pad_collate`. ``answer_starts[i]`` is where item i's answer begins, so
     ``input_ids[:answer_starts[i]]`` is the prompt for generation. Where the example names
-    its ``evidence``, items also hold ``evidence_position``: the token where that passage
-    begins (-1 where unknown or cut away).
+    its ``evidence`` and it is found in the context, items also hold ``evidence_position``: the
+    token where that passage begins (the rules for a passage found twice or beginning inside
+    a token: :func:`_place_evidence`); ``evidence_problems[i]`` says why item i has none
+    (e.g. ``"not found in the context"``, ``"cut away by max_length"``; ``""`` where it has one).
     """
 
     def __init__(
@@ -179,6 +197,7 @@ class QADataset(Dataset):
         self._ids: List[np.ndarray] = []
         self.answer_starts: List[int] = []
         self.evidence_positions: List[int] = []
+        self.evidence_problems: List[str] = []  # why an example's evidence has no position ("" where it has one)
         for ex in tqdm(self.examples, desc="tokenising tasks", unit="ex", disable=not progress, dynamic_ncols=True):
             fields = {"context": ex.context, "prompt": ex.prompt, "answer": ex.answer}
             c, p, a = encode_batch(
@@ -188,7 +207,7 @@ class QADataset(Dataset):
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
-            evidence = _evidence_position(tokenizer, context_template.format(**fields), ex.evidence)
+            kept = [(0, len(c))]  # the [start, end) ranges of context tokens the item keeps
             if max_length is not None and len(c) + len(p) + len(a) > max_length:
                 keep = max_length - len(p) - len(a)
                 if keep < 0:
@@ -196,19 +215,12 @@ class QADataset(Dataset):
                         f"Example {ex.name!r}: prompt and answer alone take {len(p) + len(a)} tokens > max_length "
                         f"{max_length}."
                     )
-                if truncation == "left":
-                    evidence = evidence - (len(c) - keep) if evidence >= len(c) - keep else -1
-                    c = c[len(c) - keep :]
-                elif truncation == "right":
-                    evidence = evidence if evidence < keep else -1
-                    c = c[:keep]
-                else:
-                    head = keep // 2
-                    cut = len(c) - (keep - head)  # tokens head .. cut - 1 go
-                    evidence = evidence if evidence < head else (evidence - (cut - head) if evidence >= cut else -1)
-                    c = list(c[:head]) + list(c[cut:])
+                kept = _kept_ranges(len(c), keep, truncation)
+            evidence, problem = _place_evidence(tokenizer, context_template.format(**fields), c, ex, kept)
+            c = [token for start, end in kept for token in c[start:end]]
             self.answer_starts.append(len(c) + len(p))
             self.evidence_positions.append(evidence)
+            self.evidence_problems.append(problem)
             self._ids.append(np.asarray(list(c) + list(p) + a, dtype=np.int64))
 
     def __len__(self) -> int:
@@ -225,12 +237,61 @@ class QADataset(Dataset):
         return item
 
 
-def _evidence_position(tokenizer, context: str, evidence: str) -> int:
-    """The token of ``context`` where ``evidence`` begins (tokenising the text before it); -1 if absent."""
-    where = context.find(evidence) if evidence else -1
-    if where < 0:
-        return -1
-    return len(encode_batch(tokenizer, [context[:where]])[0]) if where else 0
+def _kept_ranges(length: int, keep: int, side: str) -> List[Tuple[int, int]]:
+    """The ``[start, end)`` ranges of ``length`` context tokens that truncation to ``keep`` keeps: the
+    start (``"right"``), the end (``"left"``) or both ends (``"middle"``)."""
+    if side == "left":
+        return [(length - keep, length)]
+    if side == "right":
+        return [(0, keep)]
+    head = keep // 2
+    return [(0, head), (length - (keep - head), length)]
+
+
+def _after_truncation(position: int, kept: Sequence[Tuple[int, int]]) -> int:
+    """Where context token ``position`` lands among the ``kept`` ranges (-1: cut away)."""
+    offset = 0
+    for start, end in kept:
+        if start <= position < end:
+            return offset + position - start
+        offset += end - start
+    return -1
+
+
+def _place_evidence(tokenizer, context: str, context_ids: Sequence[int], example: QAExample,
+                    kept: Sequence[Tuple[int, int]]) -> Tuple[int, str]:
+    """``(token, problem)``: the token of the truncated context where ``example.evidence`` begins, or
+    -1 and why not. ``context_ids``: ``context`` tokenised, before truncation, which keeps the ranges
+    ``kept`` of it.
+
+    The rules: the evidence is placed by its first token, the token that holds the passage's first
+    character (so a passage that begins in the middle of a token is placed at that token). A passage
+    found several times is placed at its last occurrence that truncation keeps: the one nearest the
+    question. A passage that runs across a segment boundary belongs to the segment of its first token.
+    """
+    if not example.evidence:
+        return -1, example.evidence_problem
+    found = [m.start() for m in re.finditer(f"(?={re.escape(example.evidence)})", context)]
+    if not found:
+        return -1, "not found in the context"
+    for where in reversed(found):  # the nearest the question first
+        token = _after_truncation(_token_holding(tokenizer, context, context_ids, where), kept)
+        if token >= 0:
+            return token, ""
+    return -1, "cut away by max_length"
+
+
+def _token_holding(tokenizer, text: str, ids: Sequence[int], char: int) -> int:
+    """The index in ``ids`` (= ``text`` tokenised) of the token that holds character ``char``: the
+    length of the common start of ``ids`` and ``text[:char]`` tokenised (they part where that token is
+    cut, or ``text[:char]`` ends on a token boundary). Counting the tokens of ``text[:char]`` instead
+    would be one too many where a BPE tokenizer splits off the space before ``char``."""
+    if char == 0:
+        return 0
+    before = np.asarray(encode_batch(tokenizer, [text[:char]])[0], dtype=np.int64)
+    n = min(len(before), len(ids))
+    differ = np.flatnonzero(before[:n] != np.asarray(ids[:n], dtype=np.int64))
+    return min(int(differ[0]) if differ.size else n, len(ids) - 1)
 
 
 class MixedDataset(Dataset):

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import gzip
 import io
@@ -35,6 +36,22 @@ PathLike = Union[str, os.PathLike]
 
 _TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".tex", ".jsonl", ".ndjson"}
 _ROW_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+
+
+class DataError(ValueError):
+    """A mistake in the user's data (a row, a field, a file), said where it is: ``file:line: what``.
+
+    A ``ValueError``, so the ``hmt`` command prints it as one line; other exceptions raised while
+    reading data stay bugs with a traceback."""
+
+
+@contextlib.contextmanager
+def located(where: str) -> Iterator[None]:
+    """Prefix a :class:`DataError` raised inside with ``where`` (e.g. ``"data/qa.jsonl:12"``)."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -148,21 +165,33 @@ def _generate_documents(kind, value, files, text_field, name_field) -> Iterator[
         name = value.split(":")[0]
         rows = _hf_rows(value)
         if "wikitext" in name.lower() and text_field == "text" and name_field is None:
-            yield from _wikitext_articles(row for _, row in rows)
+            yield from _wikitext_articles(row for _, row, _ in rows)
             return
-        for default_name, row in rows:
-            yield Document(row_name(row, name_field, default_name), field_text(row, text_field))
+        for default_name, row, where in rows:
+            yield _row_document(row, text_field, name_field, default_name, where)
     else:
         for path, rel in files:
             if suffix(path) in _ROW_SUFFIXES:
-                for default_name, row in _file_rows(path, rel):
-                    yield Document(row_name(row, name_field, default_name), field_text(row, text_field))
+                for default_name, row, where in _file_rows(path, rel):
+                    yield _row_document(row, text_field, name_field, default_name, where)
             else:
                 yield Document(rel, read_text(path))
 
 
-def iter_rows(source: Union[PathLike, Sequence[PathLike]]) -> Iterator[Tuple[str, dict]]:
-    """``(default name, row)`` of every row of a row source: JSONL/JSON files or ``"hf:..."``.
+def _row_document(row, text_field: str, name_field: Optional[str], default_name: str, where: str) -> Document:
+    with located(where):
+        try:
+            return Document(row_name(row, name_field, default_name), field_text(row, text_field))
+        except DataError as err:
+            if isinstance(row, dict) and {"context", "answer"} <= set(row):
+                raise DataError(f"{err}. It looks like a task file ((context, prompt, answer) rows), which trains "
+                                "with task: qa; documents (data, mix_data, hmt eval --data) need a text field") from None
+            raise
+
+
+def iter_rows(source: Union[PathLike, Sequence[PathLike]]) -> Iterator[Tuple[str, Any, str]]:
+    """``(default name, row, where)`` of every row of a row source: JSONL/JSON files or ``"hf:..."``;
+    ``where`` says where the row is for an error message (``"data/qa.jsonl:12"``).
 
     Raises:
         ValueError: a builtin corpus (documents, not rows) or a file that is not .jsonl/.json.
@@ -175,7 +204,7 @@ def iter_rows(source: Union[PathLike, Sequence[PathLike]]) -> Iterator[Tuple[str
     files = _resolve_files(value, None)
     bad = [rel for path, rel in files if suffix(path) not in _ROW_SUFFIXES]
     if bad:
-        raise ValueError(f"Task examples come from .jsonl/.json files; got {bad[:3]}.")
+        raise DataError(f"Task examples come from .jsonl/.json files; got {bad[:3]}.")
     return (row for path, rel in files for row in _file_rows(path, rel))
 
 
@@ -292,18 +321,23 @@ def _check_text_file(path: Path) -> None:
         )
 
 
-def _file_rows(path: Path, rel: str) -> Iterator[Tuple[str, dict]]:
-    """Rows of a JSONL file (one object a line) or a JSON file (a list of objects)."""
+def _file_rows(path: Path, rel: str) -> Iterator[Tuple[str, Any, str]]:
+    """``(default name, row, where)`` of a JSONL file (one object a line) or a JSON file (a list of objects)."""
     if suffix(path) == ".json":
         with _open_text(path) as fh:
-            data = json.load(fh)
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: not valid JSON ({err}).") from None
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
-                raise ValueError(f"{path}: expected a JSON list of objects (or an object holding one list).")
+                raise DataError(f"{path}: expected a JSON list of objects (or an object holding one list).")
             data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got a JSON {json_kind(data)}.")
         for i, row in enumerate(data):
-            yield f"{rel}:{i}", row
+            yield f"{rel}:{i}", row, f"{path} item {i}"
         return
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -312,17 +346,33 @@ def _file_rows(path: Path, rel: str) -> Iterator[Tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err}).") from err
-            yield f"{rel}:{lineno}", row
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err}).") from None
+            yield f"{rel}:{lineno}", row, f"{path}:{lineno}"
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words: object, list, string, number, true/false, null."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "null" if value is None else "string" if isinstance(value, str) else type(value).__name__
 
 
 def get_field(row: Any, field: str) -> Any:
-    """``row[a][b]`` for ``field`` ``"a.b"``; a missing key names the keys there are."""
+    """``row[a][b]`` for ``field`` ``"a.b"``; a row that is not an object, or a missing key, is a
+    :class:`DataError` naming the field and the keys there are."""
+    if not isinstance(row, dict):
+        raise DataError(f"the row is a JSON {json_kind(row)}, not an object with fields (field {field!r} was wanted)")
     value = row
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
-            keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise KeyError(f"Field {field!r} not found (available at {part!r}: {keys}).")
+            keys = ", ".join(sorted(map(str, value))) if isinstance(value, dict) else f"a JSON {json_kind(value)}"
+            raise DataError(f"field {field!r} not found (at {part!r} the row has: {keys or 'no field'})")
         value = value[part]
     return value
 
@@ -339,17 +389,21 @@ def as_text(value: Any, first: bool = False) -> str:
         return str(value)
     if value is None:
         return ""
-    raise TypeError(f"Cannot read a {type(value).__name__} as text; name a nested field with a dotted path.")
+    raise DataError(f"cannot read a JSON {json_kind(value)} as text; name a nested field with a dotted path")
 
 
-def field_text(row: dict, field: str, first: bool = False) -> str:
+def field_text(row: Any, field: str, first: bool = False) -> str:
     """The text of ``row``'s ``field`` (a dotted path; see :func:`as_text` for ``first``)."""
-    return as_text(get_field(row, field), first)
+    value = get_field(row, field)
+    try:
+        return as_text(value, first)
+    except DataError as err:
+        raise DataError(f"field {field!r}: {err}") from None
 
 
-def row_name(row: dict, name_field: Optional[str], default: str) -> str:
+def row_name(row: Any, name_field: Optional[str], default: str) -> str:
     """``row``'s ``name_field`` as text, or ``default`` where no name field is given."""
-    return default if name_field is None else as_text(get_field(row, name_field))
+    return default if name_field is None else field_text(row, name_field)
 
 
 # ------------------------------------------------------------------ Hugging Face data sets
@@ -382,7 +436,7 @@ def _hf_rows(spec: str) -> Iterator[Tuple[str, dict]]:
             "copy). Offline, use local files or a builtin corpus: " + ", ".join(sorted(BUILTIN_CORPORA)) + "."
         ) from err
     for i, row in enumerate(dataset):
-        yield f"{name}/{split}/{i}", row
+        yield f"{name}/{split}/{i}", row, f"hf:{spec} row {i}"
 
 
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \s*$")
