@@ -58,6 +58,28 @@ def embedding_checksum(backbone: torch.nn.Module, table: torch.Tensor | None = N
             "row_sums": [round(float(x), 6) for x in table.double().sum(-1)]}
 
 
+def memory_origin(model: "HMT") -> dict[str, str]:
+    """Which model a memory belongs to, as a memory file records it: the backbone (model type and
+    :func:`embedding_checksum`) and the adapter (the checkpoint it was loaded from, and the SHA-256
+    of HMT's own parameters and any LoRA weights: what turns the same backbone into another memory)."""
+    import hashlib
+
+    backbone = model.backbone
+    kind = backbone_signature(backbone)["model_type"]
+    digest = hashlib.sha256()
+    tensors = dict(model.own_state_dict())
+    if bb.unwrap(backbone) is not backbone:  # LoRA: its weights shape what the memory encodes too
+        tensors.update({f"lora.{n}": p for n, p in backbone.named_parameters() if "lora_" in n})
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"backbone": f"{kind}, {bb.vocab_size(backbone)} x {bb.embedding_dim(backbone)}",
+            "backbone_sha256": embedding_checksum(backbone)["sha256"],
+            "adapter": getattr(model, "checkpoint_name", None) or "an HMT not loaded from a checkpoint",
+            "adapter_sha256": digest.hexdigest()}
+
+
 def _check_same_weights(directory: Path, meta: dict, backbone: torch.nn.Module) -> None:
     saved = meta.get("embedding_checksum")
     if not saved:
@@ -267,6 +289,7 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         model.load_state_dict(own, strict=False)
     except RuntimeError as err:
         raise ValueError(f"HMT weights in {directory} do not fit the config: {err}") from err
+    model.checkpoint_name = f"checkpoint {directory.name}" if directory.parent != SHIPPED_DIR else f"adapter {directory.name}"
     return model
 
 

@@ -164,15 +164,13 @@ def _load_model(args: argparse.Namespace):
         model = HMT.from_pretrained(backbone, checkpoint)
     else:
         length = args.segment_length or 256
-        model = HMT(backbone, HMTConfig(segment_length=length, sensory_memory_size=min(32, length)))
+        with torch.random.fork_rng(devices=[]):  # the same untrained HMT every run: its memory files reload
+            torch.manual_seed(0)
+            model = HMT(backbone, HMTConfig(segment_length=length, sensory_memory_size=min(32, length)))
     model.eval()
     if args.memory_file and Path(args.memory_file).exists():
-        state = MemoryState.load(args.memory_file)  # refuses a corrupt file (NaN memories too) naming it
-        try:
-            model.memory_state = state
-        except ValueError as err:
-            raise UsageError(f"--memory-file {args.memory_file} was written by another HMT configuration ({err}) "
-                             "Use the checkpoint and --segment-length it was made with, or another file.") from None
+        # refused, naming the file, when corrupt or written by another configuration, backbone or adapter
+        model.memory_state = MemoryState.load(args.memory_file)
         stats = model.get_memory_stats()
         print(f"[hmt] memory from {args.memory_file}: {stats['segments_processed']} segments read, "
               f"{stats['cache_size']} memories, {stats['pending_tokens']} tokens in the open segment", file=sys.stderr)

@@ -12,6 +12,7 @@ One segment n, as in ``docs/algorithm.md`` (L new tokens H_n with embeddings E_n
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -163,13 +164,16 @@ class HMT(nn.Module):
 
     @property
     def memory_state(self) -> Optional[MemoryState]:
-        """The memory the stateful calls carry (None after :meth:`clear_memory`)."""
+        """The memory the stateful calls carry (None after :meth:`clear_memory`); its ``save``
+        records this model as the writer."""
+        if self._state is not None:
+            self._state._writer = weakref.ref(self)
         return self._state
 
     @memory_state.setter
     def memory_state(self, state: Optional[MemoryState]) -> None:
         if state is not None:
-            state.validate(self.config)
+            state.check_fits(self)  # another configuration, backbone or adapter; bad ids; NaN
         self._state = state
 
     @property
