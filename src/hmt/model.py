@@ -138,6 +138,7 @@ class HMT(nn.Module):
         self.memory_generator = MemoryEmbeddingGenerator(config)
         self._init_memory_parameters()
         self._state: Optional[MemoryState] = None
+        self.backbone_at_init = _backbone_record(backbone)  # what save_pretrained compares against
 
     @torch.no_grad()
     def _init_memory_parameters(self) -> None:
@@ -237,8 +238,9 @@ class HMT(nn.Module):
     def save_pretrained(self, directory, trained_backbone: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         """Write HMT's parameters (plus LoRA or backbone weights if trained) and config, atomically.
 
-        ``trained_backbone``: ``"none"``, ``"lora"`` or ``"full"``; by default inferred (a PEFT
-        backbone is ``"lora"``, a backbone with trainable parameters ``"full"``). ``dtype``
+        ``trained_backbone``: ``"none"``, ``"lora"`` or ``"full"``; by default from what was trained
+        (a PEFT backbone is ``"lora"``; a backbone whose weights changed since HMT was built around
+        it, or that came from a full checkpoint, ``"full"``; ``requires_grad`` alone says nothing). ``dtype``
         stores the weights in another precision (e.g. ``torch.bfloat16``); loading casts back.
         """
         from . import checkpoint
@@ -646,6 +648,17 @@ class HMT(nn.Module):
             index = (torch.arange(T, device=logits.device).view(1, T) - starts.view(B, 1)) % T
             logits = logits.gather(1, index.unsqueeze(-1).expand(B, T, V))
         return logits
+
+
+def _backbone_record(backbone: nn.Module) -> dict:
+    """The backbone as HMT received it: each parameter's in-place version (an optimizer step or a
+    weight load bumps it) and the fingerprint of its weights; :func:`hmt.checkpoint.save` tells from
+    it whether the backbone was trained since, and a full checkpoint names the weights it started from."""
+    from .checkpoint import embedding_checksum
+
+    weight = bb.unwrap(backbone).get_input_embeddings().weight
+    return {"versions": {n: p._version for n, p in backbone.named_parameters()},
+            "embedding_checksum": None if weight.device.type == "meta" else embedding_checksum(backbone)}
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
