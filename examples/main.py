@@ -1,7 +1,7 @@
 """The main job: the walkthrough, then HMT with its trained SmolLM2 adapter against honest
 baselines on held-out long documents, with the pictures that show what the memory does.
 
-    python examples/main.py --out outputs/main           # a first run: about 3 minutes on 2 CPU cores (cached backbone)
+    python examples/main.py --out outputs/main           # a first run: within 5 minutes on 2 idle CPU cores (cached backbone)
     python examples/main.py --out outputs/main --full    # the README's figures: 64k-token cost curve, 8k-token documents (~35 min)
 
 1. The user walkthrough end to end (``examples/walkthrough.py``) -> ``OUT/walkthrough/``,
@@ -36,7 +36,7 @@ from hmt.checkpoint import SHIPPED_DIR  # noqa: E402
 from hmt.utils import quiet_libraries  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_LENGTHS = [1024, 2048, 4096]
+DEFAULT_LENGTHS = [1024, 2048]  # --full: up to 65536
 FULL_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
 
