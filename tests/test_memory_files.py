@@ -91,3 +91,11 @@ def test_save_into_a_missing_folder_and_bad_rows_name_the_argument(tmp_path):
         state.select([0, 5])
     assert torch.equal(state.select([-1]).cache, state.select([1]).cache)
     assert torch.equal(state.memories(row=1), state.memories(-1))
+
+
+def test_a_backbone_with_nan_weights_is_refused_when_hmt_is_built():
+    backbone = make_backbone("llama")
+    with torch.no_grad():
+        backbone.get_input_embeddings().weight[VOCAB - 1, 0] = float("nan")  # a row no probe reads
+    with pytest.raises(ValueError, match="NaN or infinite input embeddings"):
+        HMT(backbone, CONFIG)

@@ -162,6 +162,9 @@ def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
         raise ValueError(f"HMT cannot use {name} ({kind}): it has no input-embedding layer ({err}).") from err
     if weight.device.type == "meta":
         return  # weights not materialised yet: nothing to compare
+    if not bool(torch.isfinite(weight.detach()).all()):  # rows the probe below never reads too
+        raise ValueError(f"The backbone {name} (model_type {kind!r}) has NaN or infinite input embeddings: its "
+                         "weights are broken. Reload them.")
     vocab = int(weight.shape[0])
     ids = (torch.arange(probe_length, device=weight.device) * 7 + 3) % vocab
     ids = ids[None]
