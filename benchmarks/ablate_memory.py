@@ -59,6 +59,7 @@ def main(argv=None) -> dict:
               "command": "python benchmarks/ablate_memory.py", "adapter": args.adapter, "baseline": args.baseline}
     print(json.dumps(record, indent=2))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
