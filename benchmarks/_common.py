@@ -15,6 +15,10 @@ import time
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
+from hmt.arguments import Parser, check_output_file, device_name, non_negative_int, positive_int
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
@@ -29,11 +33,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"unknown dtype {name!r}; choose from {sorted(table)}")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def stdlib_text(min_chars: int) -> str:
@@ -208,20 +210,40 @@ class MemoryWatch:
 
 
 # --------------------------------------------------------------------------- shared flags
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph as the description; a bad flag is one
+    line and exit status 2 (:class:`hmt.arguments.Parser`)."""
+    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH`` and ``--overwrite`` (an existing file is replaced only when asked)."""
+    parser.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def check_json(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything runs, a ``--json`` that cannot be written or exists (unless
+    ``--overwrite``, or ``--merge`` where the benchmark has it)."""
+    if getattr(args, "worker", False):
+        return
+    check_output_file(parser, args.json, "--json", overwrite=args.overwrite or getattr(args, "merge", False))
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, segment_length: int = 256,
                         representation_length: Optional[int] = 128,
                         threads_help: str = "torch.set_num_threads (default 1)") -> None:
     """The flags every model benchmark takes: ``--backbone``, HMT's sizes ``-L/-j/-k/-N``, ``--device``,
     ``--dtype``, ``--threads``. ``representation_length=None``: ``-j`` defaults to ``L // 2`` (HMTConfig's)."""
     parser.add_argument("--backbone", default=None, help="backbone name or path (default: SmolLM2-135M)")
-    parser.add_argument("--segment-length", "-L", type=int, default=segment_length)
-    parser.add_argument("--representation-length", "-j", type=int, default=representation_length,
+    parser.add_argument("--segment-length", "-L", type=positive_int, default=segment_length)
+    parser.add_argument("--representation-length", "-j", type=positive_int, default=representation_length,
                         help="default L // 2" if representation_length is None else None)
-    parser.add_argument("--sensory", "-k", type=int, default=32)
-    parser.add_argument("--num-memory", "-N", type=int, default=300)
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+    parser.add_argument("--sensory", "-k", type=non_negative_int, default=32)
+    parser.add_argument("--num-memory", "-N", type=positive_int, default=300)
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=non_negative_int, default=1, help=threads_help)
 
 
 def model_argv(args: argparse.Namespace) -> list[str]:

@@ -16,16 +16,17 @@ from typing import Callable
 
 import torch
 
-from _common import add_model_arguments, environment, pick_device, synchronize, write_json
+from _common import (add_json_argument, add_model_arguments, check_json, environment, make_parser, pick_device,
+                     positive_int, synchronize, write_json)
 
 
 # --------------------------------------------------------------------------- flags and output
 def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
     """The flags every generation benchmark takes: the model's, ``--quick``, ``--json``, ``--merge``."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(doc)
     add_model_arguments(p)
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    add_json_argument(p)
     p.add_argument("--merge", action="store_true",
                    help="with --json: keep the parts of an existing file that this run does not measure")
     return p
@@ -33,7 +34,7 @@ def parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
 
 def add_prompt_arguments(p: argparse.ArgumentParser, prompt_help: str) -> None:
     """``--prompt-tokens`` and ``--clock``, for the benchmarks that time decoding."""
-    p.add_argument("--prompt-tokens", type=int, default=1024, help=prompt_help)
+    p.add_argument("--prompt-tokens", type=positive_int, default=1024, help=prompt_help)
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="headline clock (auto: cpu on a CPU device, wall on CUDA)")
 
@@ -41,6 +42,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser, prompt_help: str) -> None:
 def parse(p: argparse.ArgumentParser, argv=None, **quick) -> argparse.Namespace:
     """Parse ``argv``; with ``--quick``, a small model (L=64, j=32, k=8) and the settings ``quick``."""
     args = p.parse_args(argv)
+    check_json(p, args)
     if args.quick:
         args.segment_length, args.representation_length, args.sensory = 64, 32, 8
         for name, value in quick.items():

@@ -15,22 +15,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 import hmt
-from hmt import HMT
+from hmt import HMT, checkpoint
+from hmt.arguments import Parser, check_output_file, run
 from hmt.train import build_data, evaluate_documents, load_recipe
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/smollm2-gpu-lora.yaml", help="its last stage's validation documents")
     parser.add_argument("--adapter", default=hmt.DEFAULT_ADAPTER)
     parser.add_argument("--baseline", default="smollm2-135m-baseline")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    check_output_file(parser, args.json, "--json", args.overwrite)
+    if not Path(args.recipe).is_file():
+        parser.error(f"argument --recipe: {args.recipe} does not exist")
+    for flag, name in (("--adapter", args.adapter), ("--baseline", args.baseline)):
+        try:
+            checkpoint.resolve(name)
+        except FileNotFoundError as err:
+            parser.error(f"argument {flag}: {err}")
     config = load_recipe(args.recipe)[-1][1]
     backbone, tokenizer = hmt.load_backbone()
     _, documents = build_data(config, tokenizer)
@@ -38,7 +49,7 @@ def main(argv=None) -> dict:
     rows = {"hmt": evaluate_documents(model, documents, True)["ppl"],
             "adapter_lora_no_memory": evaluate_documents(model, documents, "sensory")["ppl"]}
     if model.config.memory_compression != "embedding":
-        raise SystemExit("constant_memory needs an adapter with memory_compression='embedding'.")
+        raise ValueError("constant_memory needs an adapter with memory_compression='embedding'.")
     with torch.no_grad():
         model.memory_generator.compression.weight.zero_()
     rows["constant_memory"] = evaluate_documents(model, documents, True)["ppl"]
@@ -48,9 +59,10 @@ def main(argv=None) -> dict:
               "command": "python benchmarks/ablate_memory.py", "adapter": args.adapter, "baseline": args.baseline}
     print(json.dumps(record, indent=2))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

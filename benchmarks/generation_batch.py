@@ -18,12 +18,14 @@ B over B x 1, HMT / plain at batch B, and whether the batch rows equal the rows 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (spinning threads steal a busy core)
 
 import torch
 
-from _common import document_ids, hmt_from_args, median, parse_dtype, table
+from hmt.arguments import run
+from _common import document_ids, hmt_from_args, median, parse_dtype, positive_int, table
 from _decoding import (DecodeClock, add_prompt_arguments, headline_clock, parse, parser, run_interleaved, run_part,
                        run_plain)
 
@@ -133,8 +135,8 @@ def batched(args, device) -> dict:
 def parse_args(argv=None):
     p = parser(__doc__, "smoke run: L=64 j=32 k=8, 128-token prompts, 1 repetition")
     add_prompt_arguments(p, "prompt length of each row, rounded up to whole segments (default 1024)")
-    p.add_argument("--batch", type=int, default=4, help="rows decoded together (default 4)")
-    p.add_argument("--batch-repeats", type=int, default=2, help="timed repetitions of each variant")
+    p.add_argument("--batch", type=positive_int, default=4, help="rows decoded together (default 4)")
+    p.add_argument("--batch-repeats", type=positive_int, default=2, help="timed repetitions of each variant")
     p.add_argument("--batch-modes", nargs="+", choices=("exact", "fast"), default=["exact", "fast"],
                    help="HMT decoding modes to time")
     return parse(p, argv, prompt_tokens=128, batch_repeats=1)
@@ -145,4 +147,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

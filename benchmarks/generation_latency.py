@@ -24,6 +24,7 @@ CPU device (--clock), wall time on CUDA. benchmarks/README.md has the details an
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (spinning threads steal a busy core)
 
@@ -33,7 +34,8 @@ from collections import defaultdict
 
 import torch
 
-from _common import document_ids, hmt_from_args, median, parse_dtype, synchronize, table
+from hmt.arguments import run
+from _common import document_ids, hmt_from_args, median, parse_dtype, positive_int, synchronize, table
 from _decoding import (Stamps, add_prompt_arguments, headline_clock, now, parse, parser, run_interleaved,
                        run_part, run_plain, wrapped_methods)
 
@@ -344,7 +346,7 @@ def latency(args, device) -> dict:
 def parse_args(argv=None):
     p = parser(__doc__, "smoke run: L=64 j=32 k=8, 128-token prompt, 1 repetition")
     add_prompt_arguments(p, "prompt length, rounded up to whole segments (default 1024)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant (interleaved)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions of each variant (interleaved)")
     return parse(p, argv, prompt_tokens=128, repeats=1)
 
 
@@ -353,4 +355,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -28,7 +28,8 @@ import sys
 
 import torch
 
-from _common import (MemoryWatch, _status_kib, add_worker_arguments, current_rss_bytes, document_ids, hmt_from_args,
+from hmt.arguments import run
+from _common import (MemoryWatch, _status_kib, non_negative_int, positive_int, add_worker_arguments, current_rss_bytes, document_ids, hmt_from_args,
                      model_argv, parse_dtype, pick_device, print_result, ru_maxrss_bytes, run_workers, synchronize,
                      table, worker_env)
 from _decoding import Stamps, parse, parser, run_part
@@ -185,13 +186,13 @@ def memory(args, device) -> dict:
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = parser(__doc__, "smoke run: L=64 j=32 k=8, 2048 vs 512 tokens, 64 generated")
-    p.add_argument("--long-tokens", type=int, default=100_000, help="the long prompt (default 100000)")
-    p.add_argument("--short-tokens", type=int, default=4096, help="the short prompt (default 4096)")
-    p.add_argument("--gen-tokens", type=int, default=1000, help="tokens generated after each prompt")
+    p.add_argument("--long-tokens", type=positive_int, default=100_000, help="the long prompt (default 100000)")
+    p.add_argument("--short-tokens", type=positive_int, default=4096, help="the short prompt (default 4096)")
+    p.add_argument("--gen-tokens", type=positive_int, default=1000, help="tokens generated after each prompt")
     p.add_argument("--memory-mode", choices=("exact", "fast"), default="exact",
                    help="exact_retrieval=True (default) or False for the generated tokens")
-    p.add_argument("--jobs", type=int, default=1, help="subprocesses at once (default 1)")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+    p.add_argument("--jobs", type=positive_int, default=1, help="subprocesses at once (default 1)")
+    p.add_argument("--malloc-mmap-threshold", type=non_negative_int, default=None, metavar="BYTES",
                    help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: blocks this large are "
                    "mmapped and handed back on free, so freed heap memory is not retained (diagnosis)")
     # internal: one measurement in this process
@@ -211,4 +212,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

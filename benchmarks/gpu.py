@@ -35,12 +35,15 @@ trainer's own tokens/s.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from _common import environment, pick_device, synchronize, table, write_json
+from _common import (add_json_argument, check_json, device_name, environment, make_parser, non_negative_int, pick_device,
+                     positive_int, synchronize, table, write_json)
+from hmt.arguments import positive_float, run
 
 
 def smollm2_config(tiny: bool):
@@ -220,25 +223,26 @@ def run_trainer(args, device) -> dict:
             "tokens_per_s": tokens / seconds, "wall_s": wall, "trainer_reported_tokens_per_s": last["tokens_per_s"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64], help="windows per step")
+def main(argv=None) -> None:
+    parser = make_parser(__doc__)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[16, 32, 64], help="windows per step")
     parser.add_argument("--parts", nargs="+", default=["train", "read", "trainer"], choices=["train", "read", "trainer"])
-    parser.add_argument("--segments", type=int, default=8, help="S: segments per window")
-    parser.add_argument("-L", "--segment-length", type=int, default=256)
-    parser.add_argument("-j", "--representation-length", type=int, default=128)
-    parser.add_argument("-k", "--sensory", type=int, default=32)
-    parser.add_argument("-N", "--num-memory", type=int, default=300)
+    parser.add_argument("--segments", type=positive_int, default=8, help="S: segments per window")
+    parser.add_argument("-L", "--segment-length", type=positive_int, default=256)
+    parser.add_argument("-j", "--representation-length", type=positive_int, default=128)
+    parser.add_argument("-k", "--sensory", type=non_negative_int, default=32)
+    parser.add_argument("-N", "--num-memory", type=positive_int, default=300)
     parser.add_argument("--checkpoint-segments", action="store_true", help="HMT recomputes each segment in backward")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trainer-steps", type=int, default=12)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--trainer-steps", type=positive_int, default=12)
+    parser.add_argument("--peak-tflops", type=positive_float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama instead of SmolLM2's size (smoke runs)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--device", type=device_name, default="auto")
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    check_json(parser, args)
     device = pick_device(args.device)
     if args.tiny:
         args.segment_length, args.representation_length, args.sensory, args.num_memory = 32, 16, 4, 20
@@ -264,4 +268,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -40,7 +40,8 @@ import time
 
 import torch
 
-from _common import (MemoryWatch, add_model_arguments, add_worker_arguments, document_ids, environment, hmt_from_args,
+from hmt.arguments import run
+from _common import (MemoryWatch, add_json_argument, add_model_arguments, check_json, make_parser, non_negative_int, positive_int, add_worker_arguments, document_ids, environment, hmt_from_args,
                      model_argv, parse_dtype, pick_device, print_result, run_workers, synchronize, table, worker_env,
                      write_json)
 
@@ -121,30 +122,31 @@ def worker(args) -> dict:
 
 # --------------------------------------------------------------------------- parent
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_model_arguments(p, threads_help="torch.set_num_threads in each worker (default 1: memory does not depend on "
                         "it, and one thread per worker is steady on a shared CPU)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="HMT document lengths")
-    p.add_argument("--plain-lengths", type=int, nargs="*", default=[4096, 8192],
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768], help="HMT document lengths")
+    p.add_argument("--plain-lengths", type=positive_int, nargs="*", default=[4096, 8192],
                    help="full-attention plain-backbone lengths (capped at the backbone's position limit)")
     p.add_argument("--plain-variants", nargs="*", default=["plain_full_hf", "plain_full_chunked"],
                    choices=["plain_full_hf", "plain_full_chunked"])
     p.add_argument("--segment-baseline", action="store_true",
                    help="also run model(..., use_memory=False) (plain backbone on the same disjoint L segments, "
                    "no memory) at every HMT length: a control with the same segment loop but no growing cache")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="workers run at once, each its own process (peak RSS is per process, so running "
                    "them side by side does not mix their figures). Default: cores // threads on CPU, 1 on CUDA")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+    p.add_argument("--malloc-mmap-threshold", type=non_negative_int, default=None, metavar="BYTES",
                    help="run the workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc): blocks above it are "
                    "mmapped and handed back on free, so freed heap memory is not retained (diagnosis)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: HMT at 512 and 1024 tokens, plain at 512")
-    p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    add_json_argument(p)
     # internal: one measurement in this process
     add_worker_arguments(p)
     p.add_argument("--variant", default="hmt", help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    check_json(p, args)
     if args.quick:
         args.lengths, args.plain_lengths = [512, 1024], [512]
     return args
@@ -266,4 +268,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

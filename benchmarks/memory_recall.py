@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import hmt  # noqa: E402
 from hmt import recall  # noqa: E402
+from hmt.arguments import (Parser, check_output_file, non_negative_float, non_negative_int, positive_float,  # noqa: E402
+                           positive_int, run)
 
 MAIN = ("hmt", "recurrence", "sensory")
 # --quick: the setting of tests/test_memory_recall.py (learns in about 30 s per variant)
@@ -128,37 +130,40 @@ def table(rows: dict, distances, chance: float, trained) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a short version (about 2 minutes for the three variants): the CI test's probe, a "
                              "1-digit key (chance 10%%), d=32, 800 steps of batch 16 at distances 2-3; options given "
                              "explicitly still win")
     parser.add_argument("--variants", nargs="*", default=list(MAIN), choices=list(MAIN))
     parser.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS) + ["all"])
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--retrieval-loss-weight", type=float, default=0.05)
-    parser.add_argument("--train-distances", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--warmup", type=non_negative_int, default=30)
+    parser.add_argument("--retrieval-loss-weight", type=non_negative_float, default=0.05)
+    parser.add_argument("--train-distances", type=positive_int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--no-curriculum", action="store_true")
-    parser.add_argument("--eval-distances", type=int, nargs="+", default=[2, 4, 16, 64])
-    parser.add_argument("--eval-examples", type=int, default=None)
-    parser.add_argument("--eval-batch", type=int, default=100)
-    parser.add_argument("--segment-length", type=int, default=16)
-    parser.add_argument("--sensory", type=int, default=4)
-    parser.add_argument("--cache", type=int, default=96, help="num_memory_embeddings (must exceed the distance)")
-    parser.add_argument("--compression", default="0", help="memory_compression: 0, identity or embedding")
-    parser.add_argument("--digits", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-distances", type=positive_int, nargs="+", default=[2, 4, 16, 64])
+    parser.add_argument("--eval-examples", type=positive_int, default=None)
+    parser.add_argument("--eval-batch", type=positive_int, default=100)
+    parser.add_argument("--segment-length", type=positive_int, default=16)
+    parser.add_argument("--sensory", type=non_negative_int, default=4)
+    parser.add_argument("--cache", type=positive_int, default=96, help="num_memory_embeddings (must exceed the distance)")
+    parser.add_argument("--compression", default="0", choices=["0", "false", "none", "identity", "embedding"],
+                        help="memory_compression: 0, identity or embedding")
+    parser.add_argument("--digits", type=positive_int, default=4)
+    parser.add_argument("--vocab", type=positive_int, default=64)
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    check_output_file(parser, args.json, "--json", args.overwrite)
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
@@ -169,7 +174,7 @@ def main(argv=None) -> None:
     if args.eval_examples is None:
         args.eval_examples = 500
     if max(args.eval_distances) >= args.cache:
-        raise SystemExit(f"--cache {args.cache} must exceed the largest distance {max(args.eval_distances)}.")
+        parser.error(f"argument --cache: {args.cache} must exceed the largest --eval-distances {max(args.eval_distances)}")
     torch.set_num_threads(args.threads)
     ablations = list(ABLATIONS) if "all" in args.ablations else args.ablations
     task = recall.RecallTask(segment_length=args.segment_length, num_digits=args.digits, vocab_size=args.vocab)
@@ -222,4 +227,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

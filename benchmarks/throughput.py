@@ -44,7 +44,8 @@ import hmt
 from hmt import HMT
 from hmt import backbone as bb
 
-from _common import (add_model_arguments, document_ids, environment, hmt_from_args, median, parse_dtype, pick_device,
+from hmt.arguments import run
+from _common import (add_json_argument, add_model_arguments, check_json, make_parser, non_negative_int, positive_int, document_ids, environment, hmt_from_args, median, parse_dtype, pick_device,
                      synchronize, table, write_json)
 
 IGNORE_INDEX = -100
@@ -184,12 +185,12 @@ def run_plain_direct(backbone, ids: torch.Tensor, L: int, mode: str):
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_model_arguments(p, threads_help="torch.set_num_threads on CPU (default 1: on a shared machine two threads "
                         "stall each other at every barrier and the timings swing 2-10x; 0 = torch's default)")
-    p.add_argument("--tokens", type=int, default=4096, help="document length in tokens (default 4096)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant (interleaved)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds on a 2-segment document")
+    p.add_argument("--tokens", type=positive_int, default=4096, help="document length in tokens (default 4096)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions of each variant (interleaved)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up rounds on a 2-segment document")
     p.add_argument("--mode", choices=("score", "logits"), default="score",
                    help="score: labels=ids, return_logits=False (default); logits: keep full logits")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
@@ -199,8 +200,9 @@ def parse_args(argv=None):
     p.add_argument("--no-breakdown", action="store_true", help="no timing hooks (on CUDA they synchronise)")
     p.add_argument("--profile", action="store_true", help="also run torch.profiler on one HMT document")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 512 tokens, 1 repetition")
-    p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    add_json_argument(p)
     args = p.parse_args(argv)
+    check_json(p, args)
     if args.quick:
         args.tokens, args.repeats = min(args.tokens, 512), 1
     return args
@@ -400,4 +402,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run(lambda argv: 0 if main(argv) else 1))

@@ -53,8 +53,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from hmt.arguments import run  # noqa: E402
 from _common import (  # noqa: E402
-    MemoryWatch, add_model_arguments, add_worker_arguments, document_ids, environment, model_argv, parse_dtype,
+    MemoryWatch, add_json_argument, add_model_arguments, check_json, make_parser, positive_int, add_worker_arguments, document_ids, environment, model_argv, parse_dtype,
     pick_device, print_result, run_workers, synchronize, table, worker_env, write_json,
 )
 
@@ -133,30 +134,34 @@ def worker(args) -> dict:
 
 # --------------------------------------------------------------------------- parent
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     add_model_arguments(p, segment_length=128, representation_length=None,
                         threads_help="torch.set_num_threads in each worker")
-    p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 15], help="unroll depths S (segments)")
-    p.add_argument("--batch-size", "-B", type=int, default=1)
+    p.add_argument("--depths", type=positive_int, nargs="+", default=[1, 2, 4, 8, 15], help="unroll depths S (segments)")
+    p.add_argument("--batch-size", "-B", type=positive_int, default=1)
     p.add_argument("--trainable", default="lora", choices=["memory", "lora", "full"],
                    help="what trains besides HMT's own parameters (as TrainConfig.trainable)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-r", type=positive_int, default=8)
+    p.add_argument("--lora-alpha", type=positive_int, default=32)
     p.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="checkpoint_segments modes to run")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=1,
                    help="workers at once (peak RSS is per process, so side-by-side runs do not mix their "
                    "memory figures, but their seconds then share the CPU). Default 1")
     p.add_argument("--keep-malloc", action="store_true",
                    help="do not set MALLOC_MMAP_THRESHOLD_ in the workers (RSS then includes allocator caching)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: S = 1 2, L = 32, k = 8")
-    p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
+    add_json_argument(p)
     p.add_argument("--replot", metavar="PATH", help="print the tables again from a JSON file this script wrote; run nothing")
     # internal: one measurement in this process
     add_worker_arguments(p)
     p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.json != args.replot or not args.replot:
+        check_json(p, args)
+    if args.replot and not os.path.isfile(args.replot):
+        p.error(f"argument --replot: {args.replot} does not exist")
     if args.quick:
         args.depths, args.segment_length, args.sensory = [1, 2], 32, 8
     return args
@@ -300,4 +305,4 @@ def report_and_save(args, results: dict, runs: list, flags: list, device, env: d
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

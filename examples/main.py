@@ -1,7 +1,7 @@
 """The main job: the walkthrough, then HMT with its trained SmolLM2 adapter against honest
 baselines on held-out long documents, with the pictures that show what the memory does.
 
-    python examples/main.py --out outputs/main           # a first run: about 3 minutes on 2 CPU cores (cached backbone)
+    python examples/main.py --out outputs/main           # a first run: within 5 minutes on 2 idle CPU cores (cached backbone)
     python examples/main.py --out outputs/main --full    # the README's figures: 64k-token cost curve, 8k-token documents (~35 min)
 
 1. The user walkthrough end to end (``examples/walkthrough.py``) -> ``OUT/walkthrough/``,
@@ -30,9 +30,14 @@ import hmt  # noqa: E402
 from hmt import data as hdata  # noqa: E402
 from hmt import evaluate as ev  # noqa: E402
 from hmt import visualize as vis  # noqa: E402
+from hmt import checkpoint  # noqa: E402
+from hmt.arguments import Parser, check_output_dir, positive_int, run  # noqa: E402
 from hmt.checkpoint import SHIPPED_DIR  # noqa: E402
+from hmt.utils import quiet_libraries  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_LENGTHS = [1024, 2048]  # --full: up to 65536
+FULL_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
 
 def held_out_documents(tokenizer, sources, count: int, min_tokens: int, max_tokens: int):
@@ -54,26 +59,36 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/main"))
     parser.add_argument("--adapter", default=hmt.DEFAULT_ADAPTER, help="HMT adapter (shipped name or directory).")
     parser.add_argument("--baseline", default=str(SHIPPED_DIR / "smollm2-135m-baseline"),
                         help="Backbone fine-tuned without memory (rows disjoint/sensory/sliding); '' = base weights.")
     parser.add_argument("--full", action="store_true",
                         help="the long measurements: --lengths up to 65536 and --max-tokens 8192 (about 35 minutes)")
-    parser.add_argument("--documents", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=None, help="tokens scored per document (default 2048; --full 8192)")
+    parser.add_argument("--documents", type=positive_int, default=4)
+    parser.add_argument("--max-tokens", type=positive_int, default=None,
+                        help="tokens scored per document (default 2048; --full 8192)")
     parser.add_argument("--protocols", default="disjoint,sensory,sliding-2048,recurrence,hmt")
-    parser.add_argument("--sliding-stride", type=int, default=1024)
+    parser.add_argument("--sliding-stride", type=positive_int, default=1024)
     parser.add_argument("--skip-walkthrough", action="store_true")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=None,
                         help="sequence lengths of the measured time/memory comparison (walkthrough exercise 3; "
-                             "default 1024 2048 4096; --full up to 65536)")
+                             f"default {' '.join(map(str, DEFAULT_LENGTHS))}; --full up to 65536)")
     args = parser.parse_args(argv)
     if args.lengths is None:
-        args.lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536] if args.full else [1024, 2048, 4096]
+        args.lengths = FULL_LENGTHS if args.full else DEFAULT_LENGTHS
     if args.max_tokens is None:
         args.max_tokens = 8192 if args.full else 2048
+    try:  # everything that can be wrong with the arguments, before minutes of work
+        protocols = ev.parse_protocols(args.protocols, flag="argument --protocols")
+        checkpoint.resolve(args.adapter)
+        if args.baseline:
+            checkpoint.resolve(args.baseline)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    check_output_dir(parser, args.out, "--out")
+    quiet_libraries()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -97,7 +112,6 @@ def main(argv=None) -> int:
                   else ", same data and steps")
     else:
         label = "base backbone weights"
-    protocols = [p for p in args.protocols.split(",") if p]
     weights.update({p: label for p in protocols if p in ("disjoint", "sensory") or p.startswith("sliding-")})
     weights["hmt"] = f"HMT adapter {args.adapter}"
     weights["hmt-causal"] = f"HMT adapter {args.adapter}, scored causally"
@@ -145,4 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -2,6 +2,7 @@
 
     python examples/passkey.py --distances 256 1024 4096 16384 --trials 3 --out outputs/passkey
     python examples/passkey.py --write-task outputs/passkey_task.jsonl   # training data for recipes/smollm2-passkey.yaml
+                                                                         # (an existing file: add --overwrite)
 """
 
 from __future__ import annotations
@@ -9,31 +10,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hmt  # noqa: E402
-from hmt import passkey  # noqa: E402
+from hmt import checkpoint, passkey  # noqa: E402
+from hmt.arguments import Parser, check_output_dir, check_output_file, non_negative_int, positive_int, run  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default=hmt.DEFAULT_ADAPTER)
-    parser.add_argument("--distances", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--full-attention-limit", type=int, default=8192, help="also the backbone over the whole prompt up to this length")
+    parser.add_argument("--distances", type=positive_int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--trials", type=positive_int, default=3)
+    parser.add_argument("--full-attention-limit", type=non_negative_int, default=8192,
+                        help="also the backbone over the whole prompt up to this length")
     parser.add_argument("--out", type=Path, default=Path("outputs/passkey"))
     parser.add_argument("--write-task", type=Path, default=None, metavar="JSONL",
                         help="instead: write passkey training examples here (recipes/smollm2-passkey.yaml) and exit")
-    parser.add_argument("--task-count", type=int, default=4000)
-    parser.add_argument("--task-distances", type=int, nargs=2, default=[200, 600], metavar=("MIN", "MAX"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --write-task file")
+    parser.add_argument("--task-count", type=positive_int, default=4000)
+    parser.add_argument("--task-distances", type=positive_int, nargs=2, default=[200, 600], metavar=("MIN", "MAX"))
     args = parser.parse_args(argv)
     if args.write_task:
+        if args.task_distances[0] > args.task_distances[1]:
+            parser.error(f"argument --task-distances: MIN {args.task_distances[0]} is above MAX {args.task_distances[1]}")
+        check_output_file(parser, args.write_task, "--write-task", args.overwrite)
         tokenizer = hmt.load_backbone()[1]
         examples = passkey.task_examples(tokenizer, args.task_count, *args.task_distances)
         print(f"wrote {len(examples)} examples to {passkey.write_task(args.write_task, examples)}")
         return
+    check_output_dir(parser, args.out, "--out")
+    checkpoint.resolve(args.adapter)  # a clear error before anything loads
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = hmt.load_pretrained(args.adapter)
     results = passkey.run(model, tokenizer, args.distances, trials=args.trials, full_attention_limit=args.full_attention_limit)
@@ -47,4 +57,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

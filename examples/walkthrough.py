@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import gc
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ import torch  # noqa: E402
 import hmt  # noqa: E402
 from hmt import HMT, HMTConfig  # noqa: E402
 from hmt.memory import MemoryEmbeddingGenerator  # noqa: E402
-from hmt.utils import get_device  # noqa: E402
+from hmt.arguments import Parser, check_output_dir, positive_int, run  # noqa: E402
+from hmt.utils import get_device, quiet_libraries  # noqa: E402
 
 LONG_TEXT = """
 The Hierarchical Memory Transformer is a novel architecture designed to handle long-context 
@@ -629,19 +631,27 @@ def exercise3_measured(backbone, config: HMTConfig, device: torch.device, out: P
 
 # =========================================================================== main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/walkthrough"), help="where the PNG figures go")
     parser.add_argument("--device", default=None, help="torch device (default: hmt.utils.get_device())")
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096],
+        "--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096],
         help="sequence lengths of the measured complexity comparison",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            parser.error(f"argument --device: {args.device!r} is not a device name (cpu, cuda, cuda:1, mps, ...)")
+    check_output_dir(parser, args.out, "--out")
+    return args
 
 
 def main(argv=None) -> list:
     args = parse_args(argv)
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -664,4 +674,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from hmt import HMT, HMTConfig
 from hmt import backbone as bb
@@ -36,12 +37,26 @@ EXTRA = {
     "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2),
     "cohere": dict(logit_scale=0.25), "cohere2": dict(logit_scale=0.25, sliding_window=16),
     "persimmon": {}, "helium": dict(head_dim=16), "smollm3": {}, "glm": dict(head_dim=16),
+    # Dory's input, looped and output sections must fit in its layers: with its default 16 + 16 input and
+    # output layers in a 4-layer model the looped section is -28 layers long, and the bare model's own
+    # cached forward then differs from its uncached one by ~1e-3 (HMT, which runs without a cache,
+    # equals the uncached forward exactly). With sections that fit, both agree.
+    "dory": dict(num_hidden_layers=4, n_input_layers=1, n_output_layers=1),
 }
-ARCHITECTURES = sorted(EXTRA)
+ARCHITECTURES = sorted(t for t in EXTRA if t in CONFIG_MAPPING_NAMES)
+# Hybrid decoders (attention beside Mamba, linear-attention or convolution layers): refused when HMT is built.
+HYBRIDS = {
+    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"]),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "dense"],
+                           layer_group_size=2),
+    "lfm2": dict(layer_types=["conv", "full_attention"]), "lfm3": {},
+}
 
 
 def tiny(model_type: str, seed: int = 0) -> torch.nn.Module:
-    config = AutoConfig.for_model(model_type, **{**SMALL, **EXTRA[model_type]})
+    config = AutoConfig.for_model(model_type, **{**SMALL, **{**EXTRA, **HYBRIDS}[model_type]})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -91,3 +106,13 @@ def test_probe_restores_training_mode_and_records_no_gradient():
     HMT(backbone, HMTConfig(segment_length=8, sensory_memory_size=2))
     assert backbone.training
     assert all(p.grad is None for p in backbone.parameters())
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t in HYBRIDS if t in CONFIG_MAPPING_NAMES))
+def test_hybrid_backbones_are_refused(model_type):
+    """Their logits pass the probe, but their layer state cannot be padded and rewound as HMT's
+    KV-cached generation does: one clear line when HMT is built, not a failure later."""
+    backbone = tiny(model_type)
+    with pytest.raises(ValueError, match=r"carry a recurrent state.*layers are all attention") as err:
+        HMT(backbone, HMTConfig(segment_length=8, representation_length=4, sensory_memory_size=2))
+    assert f"model_type {model_type!r}" in str(err.value) and "\n" not in str(err.value)

@@ -100,3 +100,50 @@ def test_numpy_integers_are_integers():
     config = HMTConfig(segment_length=np.int64(64), sensory_memory_size=np.int32(8), num_memory_embeddings=np.int64(5))
     assert config.segment_length == 64 and type(config.segment_length) is int
     assert json.dumps(config.to_dict())  # serialisable
+
+
+# ----------------------------------------------------------------------------- what was trained
+def _step(model: HMT) -> None:
+    """One optimizer step on every parameter that wants a gradient."""
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(ids, labels=ids, memory_state=model.new_memory(1)).loss.backward()
+    optimizer.step()
+
+
+def test_save_pretrained_holds_the_backbone_only_when_it_was_trained(tmp_path):
+    from safetensors.torch import load_file
+
+    backbone = make_backbone("llama")
+    assert all(p.requires_grad for p in backbone.parameters())  # as load_backbone() leaves it
+    model = HMT(backbone, CONFIG)
+    model.save_pretrained(tmp_path / "untrained")
+    meta = json.loads((tmp_path / "untrained" / "hmt_meta.json").read_text())
+    assert meta["trained_backbone"] == "none"
+    assert not [k for k in load_file(str(tmp_path / "untrained" / "hmt_weights.safetensors")) if k.startswith("backbone.")]
+    backbone.requires_grad_(False)
+    _step(model)  # HMT's own parameters only: still nothing of the backbone
+    model.save_pretrained(tmp_path / "memory-only")
+    assert json.loads((tmp_path / "memory-only" / "hmt_meta.json").read_text())["trained_backbone"] == "none"
+    backbone.requires_grad_(True)
+    _step(model)
+    model.save_pretrained(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "hmt_meta.json").read_text())["trained_backbone"] == "full"
+
+
+def test_a_full_checkpoint_never_overwrites_another_backbone(tmp_path):
+    model = HMT(make_backbone("llama"), CONFIG)
+    _step(model)
+    model.save_pretrained(tmp_path / "full")
+    other = make_backbone("llama", seed=5)  # the same architecture, other weights
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="would overwrite this backbone's weights in place"):
+        HMT.from_pretrained(other, tmp_path / "full")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "full")  # the base it was trained from
+    torch.testing.assert_close(restored.backbone.state_dict(), model.backbone.state_dict())
+    HMT.from_pretrained(restored.backbone, tmp_path / "full")  # a backbone that already holds its weights
+    restored.save_pretrained(tmp_path / "again")  # still a full checkpoint, trained from the same base
+    meta = json.loads((tmp_path / "again" / "hmt_meta.json").read_text())
+    assert meta["trained_backbone"] == "full"
+    HMT.from_pretrained(make_backbone("llama"), tmp_path / "again")

@@ -220,3 +220,52 @@ def test_parser_errors_are_one_line(capsys):
     assert main(["generate", "--max-new-tokens", "abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--bogus" in err[0] and "--max-new-tokens" in err[1]
+
+
+# ----------------------------------------------------------------------------- memory files
+def test_memory_file_that_cannot_be_written_is_refused_before_the_model_loads(capsys, tmp_path):
+    target = tmp_path / "m.safetensors"
+    (tmp_path / "m.safetensors.tmp").mkdir()  # in the way of the save, whatever the permissions say
+    fails(capsys, ["generate", "--backbone", str(tmp_path / "nowhere"), "--prompt", "x", "--memory-file", str(target)],
+          match="m.safetensors.tmp is a folder")
+
+
+def test_a_failed_memory_save_goes_to_a_fallback_file(backbone_dir, capsys, tmp_path, monkeypatch):
+    from hmt import MemoryState
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "m.safetensors"
+    real_save = MemoryState.save
+
+    def save(self, path, model=None):
+        if os.fspath(path) == str(target):
+            raise OSError(28, "No space left on device")
+        return real_save(self, path, model)
+
+    monkeypatch.setattr(MemoryState, "save", save)
+    args = ["generate", "--backbone", backbone_dir, *SMALL, "--max-new-tokens", "2", "--prompt", "w3 w4 w5",
+            "--memory-file", str(target)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    saved = sorted(tmp_path.glob("hmt-memory-*.safetensors"))
+    assert len(saved) == 1 and f"memory saved to {saved[0]} instead of {target}" in err
+    assert MemoryState.load(saved[0]).segments_seen.tolist() == [0]  # 3 + 2 tokens: the segment is still open
+
+
+def test_a_memory_file_of_an_untrained_hmt_is_refused_by_a_trained_one(backbone_dir, capsys, tmp_path):
+    from hmt import HMT, HMTConfig
+    from hmt.backbone import load_backbone
+
+    trained = HMT(load_backbone(backbone_dir)[0], HMTConfig(segment_length=8, sensory_memory_size=8))
+    with torch.no_grad():
+        trained.memory_search.query.weight.mul_(2.0)
+    trained.save_pretrained(tmp_path / "ckpt")
+    memory = tmp_path / "m.safetensors"
+    assert main(["generate", "--backbone", backbone_dir, *SMALL, "--max-new-tokens", "2", "--prompt", "w3 w4 w5",
+                 "--memory-file", str(memory)]) == 0
+    assert main(["generate", "--backbone", backbone_dir, *SMALL, "--max-new-tokens", "2", "--prompt", "w3 w4 w5",
+                 "--memory-file", str(memory)]) == 0  # the same untrained HMT again: its own file loads
+    capsys.readouterr()
+    fails(capsys, ["generate", "--backbone", backbone_dir, "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "w3",
+                   "--memory-file", str(memory)], match="was written by another adapter")

@@ -110,6 +110,40 @@ def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+# Layer kinds (transformers' ``layer_types`` / ``layers_block_type`` / ``block_types``) that carry a
+# recurrent state along the sequence instead of, or beside, attention's keys and values.
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "mamba2",
+                                   "recurrent", "rwkv"})
+
+
+def recurrent_layers(model: nn.Module) -> list[tuple[int, str]]:
+    """``(index, kind)`` of the layers of ``model`` that carry a recurrent state (Mamba, linear
+    attention, short convolutions), as its config lists them; [] for an attention-only decoder."""
+    config = text_config(model)
+    for name in ("layer_types", "layers_block_type", "block_types"):
+        kinds = getattr(config, name, None)
+        if isinstance(kinds, (list, tuple)) and kinds and all(isinstance(k, str) for k in kinds):
+            return [(i, k) for i, k in enumerate(kinds) if k in RECURRENT_LAYER_TYPES]
+    return []
+
+
+def check_attention_only(model: nn.Module) -> None:
+    """Refuse a hybrid backbone (Bamba, Jamba, Granite-MoE-hybrid, Bailing-hybrid, LFM2/3, ...):
+    HMT's generation keeps several streams in one padded KV cache and rewinds it by positions,
+    which a recurrent layer state (Mamba, linear attention, convolution) cannot do, and the
+    cache of such a model is not the one :mod:`hmt.kv_cache` is written and tested for."""
+    layers = recurrent_layers(model)
+    if layers:
+        inner = unwrap(model)
+        kind = getattr(text_config(inner), "model_type", type(inner).__name__)
+        shown = ", ".join(f"{i} ({k})" for i, k in layers[:4]) + (", ..." if len(layers) > 4 else "")
+        raise ValueError(
+            f"HMT cannot use {type(inner).__name__} (model_type {kind!r}): its layers {shown} carry a recurrent "
+            "state (Mamba, linear attention or convolution), which HMT's KV-cached generation cannot pad or "
+            "rewind. Use a decoder whose layers are all attention (Llama, Qwen, Gemma, GPT-2, ...)."
+        )
+
+
 def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
     """Refuse a backbone whose logits HMT cannot reproduce from its parts.
 
@@ -118,6 +152,7 @@ def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
     gradient, eval mode, the model's mode restored afterwards) that must give the logits the
     backbone's own forward gives; otherwise HMT's outputs would be silently wrong.
     """
+    check_attention_only(model)
     inner = unwrap(model)
     name = type(inner).__name__
     kind = getattr(text_config(inner), "model_type", name)
@@ -127,6 +162,9 @@ def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
         raise ValueError(f"HMT cannot use {name} ({kind}): it has no input-embedding layer ({err}).") from err
     if weight.device.type == "meta":
         return  # weights not materialised yet: nothing to compare
+    if not bool(torch.isfinite(weight.detach()).all()):  # rows the probe below never reads too
+        raise ValueError(f"The backbone {name} (model_type {kind!r}) has NaN or infinite input embeddings: its "
+                         "weights are broken. Reload them.")
     vocab = int(weight.shape[0])
     ids = (torch.arange(probe_length, device=weight.device) * 7 + 3) % vocab
     ids = ids[None]

@@ -58,25 +58,77 @@ def embedding_checksum(backbone: torch.nn.Module, table: torch.Tensor | None = N
             "row_sums": [round(float(x), 6) for x in table.double().sum(-1)]}
 
 
-def _check_same_weights(directory: Path, meta: dict, backbone: torch.nn.Module) -> None:
-    saved = meta.get("embedding_checksum")
-    if not saved:
-        return
+def memory_origin(model: "HMT") -> dict[str, str]:
+    """Which model a memory belongs to, as a memory file records it: the backbone (model type and
+    :func:`embedding_checksum`) and the adapter (the checkpoint it was loaded from, and the SHA-256
+    of HMT's own parameters and any LoRA weights: what turns the same backbone into another memory)."""
+    import hashlib
+
+    backbone = model.backbone
+    kind = backbone_signature(backbone)["model_type"]
+    digest = hashlib.sha256()
+    tensors = dict(model.own_state_dict())
+    if bb.unwrap(backbone) is not backbone:  # LoRA: its weights shape what the memory encodes too
+        tensors.update({f"lora.{n}": p for n, p in backbone.named_parameters() if "lora_" in n})
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"backbone": f"{kind}, {bb.vocab_size(backbone)} x {bb.embedding_dim(backbone)}",
+            "backbone_sha256": embedding_checksum(backbone)["sha256"],
+            "adapter": getattr(model, "checkpoint_name", None) or "an HMT not loaded from a checkpoint",
+            "adapter_sha256": digest.hexdigest()}
+
+
+def _same_weights(saved: dict, backbone: torch.nn.Module) -> str | None:
+    """Whether ``backbone`` holds the weights :func:`embedding_checksum` ``saved`` describes: ``"same"``,
+    ``"dtype"`` (the same weights in another dtype), or None (other weights)."""
     now = embedding_checksum(backbone)
     if now["sha256"] == saved["sha256"]:
-        return
+        return "same"
     if now["dtype"] != saved["dtype"] and len(now["row_sums"]) == len(saved["row_sums"]):
         a, b = torch.tensor(saved["row_sums"]), torch.tensor(now["row_sums"])
         width = bb.embedding_dim(backbone)
         if bool(((a - b).abs() <= 2e-2 * (a.abs() + width ** 0.5 * 1e-2) + 1e-3).all()):
-            import warnings
+            return "dtype"
+    return None
 
-            warnings.warn(f"{directory} was saved with the backbone in {saved['dtype']}; this one is in "
-                          f"{now['dtype']} (the same weights otherwise): results may differ slightly.", stacklevel=3)
-            return
+
+def _check_same_weights(directory: Path, meta: dict, backbone: torch.nn.Module) -> None:
+    saved = meta.get("embedding_checksum")
+    if not saved:
+        return
+    same = _same_weights(saved, backbone)
+    if same == "dtype":
+        import warnings
+
+        warnings.warn(f"{directory} was saved with the backbone in {saved['dtype']}; this one is in "
+                      f"{embedding_checksum(backbone)['dtype']} (the same weights otherwise): results may differ "
+                      "slightly.", stacklevel=3)
+    if same is None:
+        raise ValueError(
+            f"{directory} was trained on a backbone with the same architecture but other weights (embedding checksum "
+            "differs). Load it into the backbone it was trained on."
+        )
+
+
+def _check_full_base(directory: Path, meta: dict, backbone: torch.nn.Module, tensors: dict) -> None:
+    """A full checkpoint replaces the backbone's weights in place: only in the backbone it was
+    trained from (or one that already holds its weights), never in another of the same architecture."""
+    base = meta.get("base_embedding_checksum")
+    if not base or _same_weights(base, backbone):
+        return
+    inner = bb.unwrap(backbone)
+    weight = inner.get_input_embeddings().weight
+    name = next((n for n, p in inner.named_parameters() if p is weight), None)
+    saved = tensors.get(f"{BACKBONE_PREFIX}{name}")
+    if saved is not None and saved.shape == weight.shape and torch.allclose(
+            saved[:64].float(), weight.detach()[:64].float().cpu(), rtol=1e-2, atol=1e-3):
+        return  # it already holds the trained weights
     raise ValueError(
-        f"{directory} was trained on a backbone with the same architecture but other weights (embedding checksum "
-        "differs). Load it into the backbone it was trained on."
+        f"{directory} holds a fully trained backbone trained from other weights than this backbone's (embedding "
+        "checksum differs): loading it would overwrite this backbone's weights in place. Pass the backbone it was "
+        "trained from (a fresh load_backbone())."
     )
 
 
@@ -96,12 +148,22 @@ def embedding_fingerprint(backbone: torch.nn.Module) -> float:
     return round(float(table[: min(64, table.shape[0])].double().abs().sum()), 3)
 
 
-def trained_backbone_kind(backbone: torch.nn.Module) -> str:
+def trained_backbone_kind(model: "HMT") -> str:
+    """What of ``model``'s backbone a checkpoint must hold: ``"lora"`` for a PEFT backbone,
+    ``"full"`` when its weights changed since HMT was built around it (an optimizer step, a weight
+    load: whatever bumps a parameter's version) or came from a full checkpoint, else ``"none"``
+    (the base weights, which the checkpoint names instead of holding). Whether parameters still
+    have ``requires_grad`` says nothing: ``load_backbone()`` leaves it on."""
+    backbone = model.backbone
     if bb.unwrap(backbone) is not backbone:  # a PEFT wrapper
         return "lora"
-    if any(p.requires_grad for p in backbone.parameters()):
+    if getattr(model, "trained_backbone", None) == "full":
         return "full"
-    return "none"
+    record = getattr(model, "backbone_at_init", None)
+    if record is None:  # built without a record (an object restored by other means): the safe answer
+        return "full" if any(p.requires_grad for p in backbone.parameters()) else "none"
+    now = {n: p._version for n, p in backbone.named_parameters()}
+    return "none" if now == record["versions"] else "full"
 
 
 def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None,
@@ -110,7 +172,7 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
     (FSDP: the trainer gathers it first); by default ``model.state_dict()``."""
     from safetensors.torch import save_file
 
-    kind = trained_backbone or trained_backbone_kind(model.backbone)
+    kind = trained_backbone or trained_backbone_kind(model)
     if kind not in ("none", "lora", "full"):
         raise ValueError(f"trained_backbone must be 'none', 'lora' or 'full', got {kind!r}.")
     state = model.state_dict() if state_dict is None else state_dict
@@ -141,6 +203,10 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
                                          else round(float(table[:64].double().abs().sum()), 3))
     if kind in ("none", "lora"):  # the base weights are not saved: they must be the same at load
         meta["embedding_checksum"] = embedding_checksum(model.backbone, table)
+    else:  # the weights it was trained from: only those (or these) are overwritten at load
+        base = getattr(model, "base_embedding_checksum", None) or (getattr(model, "backbone_at_init", None) or {}).get("embedding_checksum")
+        if base:
+            meta["base_embedding_checksum"] = base
     meta["config"] = model.config.to_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if dtype is not None:  # e.g. bfloat16 to ship a small adapter; loading casts back
@@ -250,6 +316,7 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         if unexpected:
             raise ValueError(f"LoRA weights in {directory} do not fit the backbone: {unexpected[:5]}")
     elif kind == "full":
+        _check_full_base(directory, meta, backbone, tensors)
         inner = bb.unwrap(backbone)
         missing, unexpected = inner.load_state_dict(_strip(tensors, BACKBONE_PREFIX), strict=False)
         missing = [k for k in missing if k not in _tied_aliases(inner)]  # tied weights are saved once
@@ -267,6 +334,10 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         model.load_state_dict(own, strict=False)
     except RuntimeError as err:
         raise ValueError(f"HMT weights in {directory} do not fit the config: {err}") from err
+    model.checkpoint_name = f"checkpoint {directory.name}" if directory.parent != SHIPPED_DIR else f"adapter {directory.name}"
+    if kind == "full":  # saving it again must hold the backbone, and name the weights it was trained from
+        model.trained_backbone = "full"
+        model.base_embedding_checksum = meta.get("base_embedding_checksum")
     return model
 
 

@@ -5,35 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+from .arguments import Parser, non_negative_int, positive_int
+
 DEFAULT_PROTOCOLS_TEXT = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
-PROTOCOLS = ("disjoint", "sensory", "sliding-W", "sliding-max", "recurrence", "hmt", "hmt-causal")
 DEFAULT_ADAPTER = "smollm2-135m"
 NAMED_CORPORA = ("kjv", "python-docs", "python-stdlib")
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as one line, exit status 2."""
-
-
-def _int_at_least(low: int, expected: str):
-    """An argparse type: an integer >= ``low`` (``expected`` names it in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _readable_file(text: str) -> str:
@@ -79,6 +63,17 @@ def _check_memory_file(path) -> None:
         raise UsageError(f"--memory-file {path}: the folder {folder} does not exist; create it first (mkdir -p {folder}).")
     if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UsageError(f"--memory-file {path}: cannot write there (permission denied); choose another path.")
+    # Permission bits do not tell everything (root, read-only mounts, a folder in the way of the
+    # temporary file the save goes through): write a probe file there, as the save will.
+    if Path(f"{path}.tmp").is_dir():
+        raise UsageError(f"--memory-file {path}: {path}.tmp is a folder, and saving writes that file first; "
+                         "move it or choose another path.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"--memory-file {path}: cannot write in {folder} ({err.strerror or err}); choose another path.") from None
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -91,36 +86,6 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
         raise UsageError(f"--out {out}: cannot write in {probe} (permission denied); choose another folder.")
-
-
-def _check_protocols(text: str) -> list[str]:
-    protocols = [p.strip() for p in text.split(",") if p.strip()]
-    if not protocols:
-        raise UsageError("--protocols is empty; known: " + ", ".join(PROTOCOLS) + ".")
-    for p in protocols:
-        if p in PROTOCOLS:
-            continue
-        if p.startswith("sliding-"):
-            value = p.split("-", 1)[1]
-            if value == "max" or (value.isdigit() and int(value) > 0):
-                continue
-        raise UsageError(f"--protocols: unknown protocol {p!r}; known: " + ", ".join(PROTOCOLS)
-                         + " (sliding-W with W a number of tokens, e.g. sliding-2048).")
-    return protocols
-
-
-def _quiet() -> None:
-    """Silence transformers' per-load progress bar and deprecation chatter in the CLI."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -164,15 +129,13 @@ def _load_model(args: argparse.Namespace):
         model = HMT.from_pretrained(backbone, checkpoint)
     else:
         length = args.segment_length or 256
-        model = HMT(backbone, HMTConfig(segment_length=length, sensory_memory_size=min(32, length)))
+        with torch.random.fork_rng(devices=[]):  # the same untrained HMT every run: its memory files reload
+            torch.manual_seed(0)
+            model = HMT(backbone, HMTConfig(segment_length=length, sensory_memory_size=min(32, length)))
     model.eval()
     if args.memory_file and Path(args.memory_file).exists():
-        state = MemoryState.load(args.memory_file)  # refuses a corrupt file (NaN memories too) naming it
-        try:
-            model.memory_state = state
-        except ValueError as err:
-            raise UsageError(f"--memory-file {args.memory_file} was written by another HMT configuration ({err}) "
-                             "Use the checkpoint and --segment-length it was made with, or another file.") from None
+        # refused, naming the file, when corrupt or written by another configuration, backbone or adapter
+        model.memory_state = MemoryState.load(args.memory_file)
         stats = model.get_memory_stats()
         print(f"[hmt] memory from {args.memory_file}: {stats['segments_processed']} segments read, "
               f"{stats['cache_size']} memories, {stats['pending_tokens']} tokens in the open segment", file=sys.stderr)
@@ -193,13 +156,33 @@ def _generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
     return kwargs
 
 
-def _save_memory(model, args) -> None:
-    if args.memory_file and model.memory_state is not None:
-        model.memory_state.save(args.memory_file)
+def _save_memory(model, args) -> int:
+    """Save the memory to ``--memory-file``; if that fails (checked before, but a disk fills, a
+    folder goes), to a fallback file, saying where. Returns the exit status: 1 after a fallback."""
+    if not args.memory_file or model.memory_state is None:
+        return 0
+    state = model.memory_state
+    target = Path(args.memory_file)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    fallbacks = [Path.cwd() / f"hmt-memory-{stamp}.safetensors",
+                 Path(tempfile.gettempdir()) / f"hmt-memory-{stamp}-{os.getpid()}.safetensors"]
+    for path in [target, *fallbacks]:
+        try:
+            state.save(path)
+        except OSError as err:
+            print(f"[hmt] could not save the memory to {path}: {err.strerror or err}", file=sys.stderr)
+            continue
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(args.memory_file, 0o666 & ~umask)  # safetensors writes 0600; a memory file is an ordinary file
-        print(f"[hmt] memory saved to {args.memory_file}", file=sys.stderr)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a memory file is an ordinary file
+        if path == target:
+            print(f"[hmt] memory saved to {path}", file=sys.stderr)
+            return 0
+        print(f"[hmt] memory saved to {path} instead of {target}: move it there (mv {path} {target}) to use it "
+              f"with --memory-file {target}", file=sys.stderr)
+        return 1
+    print("[hmt] the memory of this session could not be saved anywhere.", file=sys.stderr)
+    return 1
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -227,8 +210,7 @@ def _generate(args: argparse.Namespace) -> int:
     ids = tokenizer(text, return_tensors="pt").input_ids
     streamer = TextStreamer(tokenizer, skip_prompt=True)
     model.generate(ids, streamer=streamer, **_generation_kwargs(args, tokenizer))
-    _save_memory(model, args)
-    return 0
+    return _save_memory(model, args)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -254,8 +236,8 @@ def _chat(args: argparse.Namespace) -> int:
             print("hmt> ", end="", flush=True)
             model.generate(ids, streamer=streamer, **_generation_kwargs(args, tokenizer))
     finally:
-        _save_memory(model, args)
-    return 0
+        status = _save_memory(model, args)
+    return status
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -267,7 +249,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     # everything that can be wrong with the arguments, before a model is loaded or a token scored
     _check_device(args.device)
-    protocols = _check_protocols(args.protocols)
+    protocols = ev.parse_protocols(args.protocols, flag="--protocols")
     out = Path(args.out)
     _check_output_dir(out, args.overwrite)
     split = args.split
@@ -358,10 +340,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help=f"HMT checkpoint directory (save_pretrained) or shipped adapter name; 'none' for an "
                              f"untrained HMT (default on the default backbone: the shipped adapter {DEFAULT_ADAPTER}).")
-    parser.add_argument("--segment-length", type=_positive_int, default=None,
+    parser.add_argument("--segment-length", type=positive_int, default=None,
                         help="L of an untrained HMT (default 256; giving it without --checkpoint means an untrained HMT).")
     parser.add_argument("--memory-file", default=None, help="Load the memory from / save it to this file.")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=50)
@@ -369,21 +351,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's errors as one line: 'hmt VERB: argument --x: ... (hmt VERB --help)'."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                          help="Show the full traceback of an error.")
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hmt", description="Hierarchical Memory Transformer tools.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="hmt", description="Hierarchical Memory Transformer tools.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = sub.add_parser("train", help="Train HMT from a YAML recipe (runs under `accelerate launch` too).")
     train.add_argument("--config", help="YAML recipe (see recipes/).")
     train.add_argument("--stage", action="append", help="Run only this stage (repeatable).")
@@ -407,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "token ranges). Default: every document given; the named corpora (kjv, python-docs, "
                                "python-stdlib, hf:...) their test split.")
     evaluate.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1])
-    evaluate.add_argument("--documents", type=_positive_int, default=4, help="How many documents (spread over the split).")
-    evaluate.add_argument("--min-tokens", type=_non_negative_int, default=8192)
-    evaluate.add_argument("--max-tokens", type=_positive_int, default=8192, help="Score the first this many tokens of each.")
+    evaluate.add_argument("--documents", type=positive_int, default=4, help="How many documents (spread over the split).")
+    evaluate.add_argument("--min-tokens", type=non_negative_int, default=8192)
+    evaluate.add_argument("--max-tokens", type=positive_int, default=8192, help="Score the first this many tokens of each.")
     evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT),
                           help="Comma-separated: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, and "
                                "hmt-causal (HMT scored strictly causally; ~j extra passes per segment).")
@@ -418,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--hmt", default=None, help="HMT checkpoint (default: untrained HMT).")
     evaluate.add_argument("--stage1", default=None, help="Stage-1 checkpoint for the recurrence protocol.")
     evaluate.add_argument("--baseline", default=None, help="Checkpoint of the backbone fine-tuned without memory.")
-    evaluate.add_argument("--segment-length", type=_positive_int, default=256)
-    evaluate.add_argument("--sensory", type=_non_negative_int, default=32)
-    evaluate.add_argument("--sliding-stride", type=_positive_int, default=None,
+    evaluate.add_argument("--segment-length", type=positive_int, default=256)
+    evaluate.add_argument("--sensory", type=non_negative_int, default=32)
+    evaluate.add_argument("--sliding-stride", type=positive_int, default=None,
                           help="New tokens per sliding-window step (default L); context is W - stride.")
     evaluate.add_argument("--out", default="outputs/eval", help="Folder for results.json and segment_ppl.png.")
     evaluate.add_argument("--overwrite", action="store_true", help="Replace the results of an earlier run in --out.")
@@ -447,7 +417,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a bad argument (already printed as one line)
         return exit_.code if isinstance(exit_.code, int) else 2
-    _quiet()
+    from .utils import quiet_libraries
+
+    quiet_libraries()
     verb = f"hmt {args.command}"
     try:
         return args.func(args)

@@ -38,6 +38,25 @@ from . import backbone as bb
 from .model import HMT
 
 DEFAULT_PROTOCOLS = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
+PROTOCOLS = ("disjoint", "sensory", "sliding-W", "sliding-max", "recurrence", "hmt", "hmt-causal")
+
+
+def parse_protocols(text: str, flag: str = "protocols") -> list[str]:
+    """The protocols of a comma-separated list (``"disjoint,sliding-2048,hmt"``); an unknown or
+    empty one is a ``ValueError`` naming ``flag`` and the known ones."""
+    protocols = [p.strip() for p in text.split(",") if p.strip()]
+    if not protocols:
+        raise ValueError(f"{flag} is empty; known: " + ", ".join(PROTOCOLS) + ".")
+    for p in protocols:
+        if p in PROTOCOLS:
+            continue
+        if p.startswith("sliding-"):
+            value = p.split("-", 1)[1]
+            if value == "max" or (value.isdigit() and int(value) > 0):
+                continue
+        raise ValueError(f"{flag}: unknown protocol {p!r}; known: " + ", ".join(PROTOCOLS)
+                         + " (sliding-W with W a number of tokens, e.g. sliding-2048).")
+    return protocols
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EXTRACTION_STRATEGIES, HMTConfig
+
+
+# What a memory file records about the model that wrote it (hmt.checkpoint.memory_origin).
+_ORIGIN_KEYS = ("backbone", "backbone_sha256", "adapter", "adapter_sha256")
 
 
 def _require_hidden_dim(config: HMTConfig) -> int:
@@ -93,7 +98,15 @@ class MemoryState:
 
     def memories(self, row: int = 0) -> torch.Tensor:
         """``(n, d)`` the memories of one stream, oldest first."""
+        self._check_rows([row], "row")
         return self.cache[row][self.cache_mask[row]]
+
+    def _check_rows(self, rows, argument: str) -> None:
+        B = self.batch_size
+        bad = [r for r in rows if not -B <= r < B]
+        if bad:
+            raise IndexError(f"{argument}={bad[0] if argument == 'row' else bad}: this memory holds {B} stream(s) "
+                             f"(rows 0 .. {B - 1}).")
 
     def _map(self, fn) -> "MemoryState":
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)})
@@ -110,7 +123,12 @@ class MemoryState:
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "MemoryState":
         """The streams ``rows`` as a new state."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.cache.device)
+        index = torch.as_tensor(rows)
+        if index.dim() != 1 or (index.is_floating_point() and index.numel()):
+            raise ValueError(f"rows must be a list of stream indices, got {rows!r}.")
+        index = index.long().cpu()
+        self._check_rows(index.tolist(), "rows")
+        index = (index % max(self.batch_size, 1)).to(self.cache.device)
         return self._map(lambda t: t.index_select(0, index)).trimmed()
 
     @staticmethod
@@ -246,30 +264,103 @@ class MemoryState:
                 problems.append(f"pending width {self.pending_ids.shape[1]} != segment_length {config.segment_length}")
             if self.cache.shape[1] > config.num_memory_embeddings:
                 problems.append(f"{self.cache.shape[1]} cached memories > num_memory_embeddings")
+        if not problems:
+            k, L = self.sensory_ids.shape[1], self.pending_ids.shape[1]
+            for name, high in (("sensory_lengths", k), ("pending_lengths", L)):
+                lengths = getattr(self, name)
+                if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > high):
+                    problems.append(f"{name} outside 0 .. {high}")
         if problems:
             raise ValueError("Inconsistent HMT memory state: " + "; ".join(problems) + ".")
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the state to a safetensors file (atomically)."""
+    def save(self, path: str | os.PathLike, model=None) -> None:
+        """Write the state to a safetensors file (atomically).
+
+        The file records which model wrote it (its backbone's and its own weights'
+        fingerprints, see :func:`hmt.checkpoint.memory_origin`), so that loading it into another
+        model is refused: ``model``, or by default the HMT whose ``memory_state`` this is. A
+        state that came out of a functional call (``out.memory_state``) saved without ``model``
+        records none, and loads into any model of the same configuration.
+        """
         from safetensors.torch import save_file
 
+        target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"MemoryState.save(path={str(path)!r}): that is a folder; give a file name such as "
+                                    f"{target / 'memory.safetensors'}.")
+        folder = target.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"MemoryState.save(path={str(path)!r}): the folder {folder} does not exist; "
+                                    f"create it first (mkdir -p {folder}).")
+        writer = model if model is not None else (self._writer() if getattr(self, "_writer", None) else None)
+        metadata = {"format": "hmt-memory-state", "version": "1"}
+        if writer is not None:
+            from .checkpoint import memory_origin
+
+            metadata.update(memory_origin(writer))
         tmp = f"{path}.tmp"
-        save_file(self.state_dict(), tmp, metadata={"format": "hmt-memory-state", "version": "1"})
-        os.replace(tmp, path)
+        try:
+            save_file(self.state_dict(), tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device=None) -> "MemoryState":
-        from safetensors import SafetensorError
+    def load(cls, path: str | os.PathLike, device=None, model=None) -> "MemoryState":
+        """Read a state written by :meth:`save`. ``model``: the HMT that will read it; the file is
+        refused (naming it and why) unless it fits that model, as ``model.memory_state = state``
+        also checks (:meth:`check_fits`)."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
             tensors = load_file(path)
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable HMT memory-state file ({err}).") from err
         try:
-            return cls.from_state_dict(tensors).to(device)
+            state = cls.from_state_dict(tensors).to(device)
         except ValueError as err:
             raise ValueError(f"{path}: {err} Delete it or use another file.") from None
+        state._origin = {k: v for k, v in metadata.items() if k in _ORIGIN_KEYS}
+        state._source = str(path)
+        if model is not None:
+            state.check_fits(model)
+        return state
+
+    def check_fits(self, model) -> None:
+        """Refuse (``ValueError``, one line) a memory that ``model`` (an HMT) cannot read: shapes of
+        another configuration, token ids beyond its vocabulary, NaN or infinite memories, or, for
+        a memory read from a file, one written by another backbone or another adapter."""
+        source = getattr(self, "_source", None)
+        where = f"{source}: " if source else ""
+        try:
+            self.validate(model.config)
+        except ValueError as err:
+            raise ValueError(f"{where}{err} It was written by another HMT configuration; use the model it was made with.") from None
+        vocab = model.embedding_layer.weight.shape[0]
+        for name in ("sensory_ids", "pending_ids"):
+            ids = getattr(self, name)
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise ValueError(f"{where}{name} hold token ids in [{int(ids.min())}, {int(ids.max())}] but the backbone's "
+                                 f"vocabulary has {vocab} entries: this memory was written with another tokenizer.")
+        if not bool(torch.isfinite(self.cache).all()):
+            raise ValueError(f"{where}the memory holds NaN or infinite memories: it is corrupt; start a new one.")
+        saved = getattr(self, "_origin", None)
+        if saved:
+            from .checkpoint import memory_origin
+
+            now = memory_origin(model)
+            for part in ("backbone", "adapter"):
+                if saved.get(f"{part}_sha256", now[f"{part}_sha256"]) != now[f"{part}_sha256"]:
+                    raise ValueError(
+                        f"{source or 'this memory'} was written by another {part} ({saved.get(part)}, fingerprint "
+                        f"{saved[f'{part}_sha256'][:12]}) than this model's ({now[part]}, {now[f'{part}_sha256'][:12]}): "
+                        "a memory means something only to the model that wrote it. Load it with that model, or "
+                        "start a new memory."
+                    )
 
 
 # =========================================================================== modules

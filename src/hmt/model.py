@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Collection, Optional, Union
 
@@ -138,6 +139,7 @@ class HMT(nn.Module):
         self.memory_generator = MemoryEmbeddingGenerator(config)
         self._init_memory_parameters()
         self._state: Optional[MemoryState] = None
+        self.backbone_at_init = _backbone_record(backbone)  # what save_pretrained compares against
 
     @torch.no_grad()
     def _init_memory_parameters(self) -> None:
@@ -166,13 +168,16 @@ class HMT(nn.Module):
 
     @property
     def memory_state(self) -> Optional[MemoryState]:
-        """The memory the stateful calls carry (None after :meth:`clear_memory`)."""
+        """The memory the stateful calls carry (None after :meth:`clear_memory`); its ``save``
+        records this model as the writer."""
+        if self._state is not None:
+            self._state._writer = weakref.ref(self)
         return self._state
 
     @memory_state.setter
     def memory_state(self, state: Optional[MemoryState]) -> None:
         if state is not None:
-            state.validate(self.config)
+            state.check_fits(self)  # another configuration, backbone or adapter; bad ids; NaN
         self._state = state
 
     @property
@@ -236,8 +241,9 @@ class HMT(nn.Module):
     def save_pretrained(self, directory, trained_backbone: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         """Write HMT's parameters (plus LoRA or backbone weights if trained) and config, atomically.
 
-        ``trained_backbone``: ``"none"``, ``"lora"`` or ``"full"``; by default inferred (a PEFT
-        backbone is ``"lora"``, a backbone with trainable parameters ``"full"``). ``dtype``
+        ``trained_backbone``: ``"none"``, ``"lora"`` or ``"full"``; by default from what was trained
+        (a PEFT backbone is ``"lora"``; a backbone whose weights changed since HMT was built around
+        it, or that came from a full checkpoint, ``"full"``; ``requires_grad`` alone says nothing). ``dtype``
         stores the weights in another precision (e.g. ``torch.bfloat16``); loading casts back.
         """
         from . import checkpoint
@@ -710,6 +716,17 @@ def _scored_per_segment(targets: torch.Tensor, L: int, num_segments: int) -> lis
     B, T = targets.shape
     scored = F.pad(targets != IGNORE_INDEX, (0, num_segments * L - T))
     return scored.view(B, num_segments, L).sum((0, 2)).tolist()
+
+
+def _backbone_record(backbone: nn.Module) -> dict:
+    """The backbone as HMT received it: each parameter's in-place version (an optimizer step or a
+    weight load bumps it) and the fingerprint of its weights; :func:`hmt.checkpoint.save` tells from
+    it whether the backbone was trained since, and a full checkpoint names the weights it started from."""
+    from .checkpoint import embedding_checksum
+
+    weight = bb.unwrap(backbone).get_input_embeddings().weight
+    return {"versions": {n: p._version for n, p in backbone.named_parameters()},
+            "embedding_checksum": None if weight.device.type == "meta" else embedding_checksum(backbone)}
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

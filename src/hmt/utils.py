@@ -28,3 +28,19 @@ def digest(text: Union[str, bytes], n: int = 24) -> str:
     """The first ``n`` hex digits of the SHA-256 of ``text`` (UTF-8): a short cache key."""
     data = text.encode("utf-8") if isinstance(text, str) else text
     return hashlib.sha256(data).hexdigest()[:n]
+
+
+def quiet_libraries() -> None:
+    """Silence what other libraries print on every load: transformers' weight-loading progress
+    bars, its info and deprecation chatter, and FutureWarnings (commands and examples call this;
+    hmt's own progress bars and messages stay)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -1,0 +1,79 @@
+"""The examples and benchmarks are tools too: a bad flag or an output path they cannot use is
+one line and exit status 2, before any model loads or anything is measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(relative: str):
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _benchmarks_on_path(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # they import _common as scripts do
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    monkeypatch.chdir(tmp_path)
+
+
+def refused(capsys, relative: str, argv: list[str], match: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        script(relative).main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+@pytest.mark.parametrize("relative, argv, match", [
+    ("examples/passkey.py", ["--trials", "0"], "argument --trials: must be at least 1, got 0"),
+    ("examples/passkey.py", ["--distances", "100", "abc"], "argument --distances: expected a positive integer"),
+    ("examples/passkey.py", ["--write-task", "t.jsonl", "--task-distances", "600", "200"], "MIN 600 is above MAX 200"),
+    ("examples/main.py", ["--documents", "0"], "argument --documents: must be at least 1"),
+    ("examples/main.py", ["--protocols", "disjoint,bogus"], "unknown protocol 'bogus'"),
+    ("examples/main.py", ["--adapter", "no-such-adapter"], "no-such-adapter is not a directory"),
+    ("examples/walkthrough.py", ["--lengths", "1024", "0"], "argument --lengths: must be at least 1"),
+    ("benchmarks/memory_recall.py", ["--digits", "0"], "argument --digits: must be at least 1"),
+    ("benchmarks/memory_recall.py", ["--batch-size", "0"], "argument --batch-size"),
+    ("benchmarks/memory_recall.py", ["--steps", "0"], "argument --steps"),
+    ("benchmarks/memory_recall.py", ["--lr", "nan"], "argument --lr: expected a finite number"),
+    ("benchmarks/memory_recall.py", ["--eval-distances", "200"], "argument --cache: 96 must exceed"),
+    ("benchmarks/throughput.py", ["--tokens", "0"], "argument --tokens"),
+    ("benchmarks/throughput.py", ["--dtype", "float8"], "argument --dtype: invalid choice"),
+    ("benchmarks/train_memory.py", ["--depths", "0"], "argument --depths"),
+    ("benchmarks/long_document_memory.py", ["--lengths", "-5"], "argument --lengths"),
+    ("benchmarks/generation_latency.py", ["--repeats", "0"], "argument --repeats"),
+    ("benchmarks/generation_batch.py", ["--batch", "0"], "argument --batch"),
+    ("benchmarks/generation_memory.py", ["--gen-tokens", "0"], "argument --gen-tokens"),
+    ("benchmarks/ablate_memory.py", ["--recipe", "nope.yaml"], "argument --recipe: nope.yaml does not exist"),
+])
+def test_bad_flags_are_one_line_and_status_2(capsys, relative, argv, match):
+    refused(capsys, relative, argv, match)
+
+
+def test_output_paths_are_checked_before_anything_runs(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    refused(capsys, "benchmarks/throughput.py", ["--json", str(tmp_path)], "is a folder")
+    refused(capsys, "benchmarks/throughput.py", ["--json", str(tmp_path / "afile" / "x.json")], "is a file, not a folder")
+    refused(capsys, "benchmarks/memory_recall.py", ["--json", str(tmp_path / "afile")], "afile exists; pass --overwrite")
+    refused(capsys, "examples/main.py", ["--out", str(tmp_path / "afile")], "is a file, not a folder")
+    refused(capsys, "examples/walkthrough.py", ["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder")
+
+
+def test_write_task_never_overwrites_a_file_unasked(capsys, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text("a user's file\n")
+    refused(capsys, "examples/passkey.py", ["--write-task", str(task)], "task.jsonl exists; pass --overwrite")
+    assert task.read_text() == "a user's file\n"
