@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hmt  # noqa: E402
+from hmt.arguments import Parser, check_output_file, positive_int, run as run_script  # noqa: E402
 from hmt import recall  # noqa: E402
 
 from _common import table, write_json  # noqa: E402
@@ -42,12 +43,6 @@ LEVERS = {
     "hmt_lr_x10": ("HMT's own parameters at 10 x the backbone's learning rate", {}, {"hmt_lr": 3e-2}),
 }
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run(lever: str, seed: int, args) -> dict:
@@ -74,15 +69,15 @@ def run(lever: str, seed: int, args) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=positive, default=None, help="default: 400 (600 with --anywhere)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="default: 400 (600 with --anywhere)")
     parser.add_argument("--anywhere", action="store_true", help="the CI test's setting: key in a random segment")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
-    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)) or ".", os.W_OK):
-        parser.error(f"--json {args.json}: its folder does not exist or cannot be written")
+    check_output_file(parser, args.json, "--json", args.overwrite)
     args.steps = args.steps or (600 if args.anywhere else 400)
     torch.set_num_threads(1)
     rows = {}
@@ -103,4 +98,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

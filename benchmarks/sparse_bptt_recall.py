@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hmt  # noqa: E402
+from hmt.arguments import Parser, check_output_file, positive_int, run as run_script  # noqa: E402
 from hmt import recall  # noqa: E402
 
 from _common import table, write_json  # noqa: E402
@@ -31,12 +32,6 @@ from _common import table, write_json  # noqa: E402
 TASK = recall.RecallTask(segment_length=16, num_digits=1, vocab_size=32)
 EVAL_DISTANCES = [4, 16, 64]
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
@@ -57,14 +52,14 @@ def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=positive, default=600)
-    parser.add_argument("--max-distance", type=positive, default=16, help="largest training distance (segments)")
+    parser.add_argument("--steps", type=positive_int, default=600)
+    parser.add_argument("--max-distance", type=positive_int, default=16, help="largest training distance (segments)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
-    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)) or ".", os.W_OK):
-        parser.error(f"--json {args.json}: its folder does not exist or cannot be written")
+    check_output_file(parser, args.json, "--json", args.overwrite)
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
@@ -80,4 +75,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

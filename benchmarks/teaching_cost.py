@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hmt  # noqa: E402
+from hmt.arguments import Parser, check_output_file, positive_int, run as run_script  # noqa: E402
 from hmt import passkey  # noqa: E402
 from hmt.data import QADataset  # noqa: E402
 from hmt.train import TrainConfig, load_recipe, train  # noqa: E402
@@ -47,12 +48,6 @@ from _common import environment, table, write_json  # noqa: E402
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "smollm2-passkey-curriculum.yaml")
 VARIANTS = ("plain", "hmt_full", "hmt_sparse", "plain_bf16", "hmt_full_bf16", "hmt_sparse_bf16")
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def variant_config(base: TrainConfig, name: str, steps: int, out_dir: str) -> TrainConfig:
@@ -83,22 +78,21 @@ def run_variant(config: TrainConfig, backbone, tokenizer, data, warmup: int) -> 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--steps", type=positive, default=8, help="training steps per variant (batch 1)")
-    parser.add_argument("--warmup", type=positive, default=2, help="steps left out of the timing")
-    parser.add_argument("--distances", type=positive, nargs=2, default=[256, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--threads", type=positive, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--steps", type=positive_int, default=8, help="training steps per variant (batch 1)")
+    parser.add_argument("--warmup", type=positive_int, default=2, help="steps left out of the timing")
+    parser.add_argument("--distances", type=positive_int, nargs=2, default=[256, 1024], metavar=("MIN", "MAX"))
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama and a word tokenizer: a smoke run")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--worker", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
         parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
-    if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            parser.error(f"--json {args.json}: its folder does not exist or cannot be written")
+    if not args.worker:
+        check_output_file(parser, args.json, "--json", args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:  # one variant in this process (accelerate fixes the precision once per process)
@@ -161,4 +155,4 @@ def _byte_tokenizer():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

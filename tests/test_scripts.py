@@ -58,6 +58,10 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/generation_batch.py", ["--batch", "0"], "argument --batch"),
     ("benchmarks/generation_memory.py", ["--gen-tokens", "0"], "argument --gen-tokens"),
     ("benchmarks/ablate_memory.py", ["--recipe", "nope.yaml"], "argument --recipe: nope.yaml does not exist"),
+    ("benchmarks/teaching_cost.py", ["--steps", "0"], "argument --steps: must be at least 1"),
+    ("benchmarks/teaching_cost.py", ["--steps", "2", "--warmup", "2"], "--warmup (2) must be below --steps (2)"),
+    ("benchmarks/recall_seeds.py", ["--levers", "bogus"], "argument --levers: invalid choice"),
+    ("benchmarks/sparse_bptt_recall.py", ["--max-distance", "0"], "argument --max-distance: must be at least 1"),
 ])
 def test_bad_flags_are_one_line_and_status_2(capsys, relative, argv, match):
     refused(capsys, relative, argv, match)
