@@ -1,7 +1,7 @@
 """What teaching recall costs on the CPU: examples/hour of the passkey curriculum's near stage.
 
 The near stage of ``recipes/smollm2-passkey-curriculum.yaml`` (passkey examples with the key
-256-1024 tokens back, batch 1, LoRA r=8 on all linear layers from the shipped adapter, the
+256-1024 tokens back, batch 1 and 4 (--batch-sizes), LoRA r=8 on all linear layers from the shipped adapter, the
 supervised retrieval loss) run through ``hmt train``'s own loop for a few steps per variant, in
 one process, on the same examples in the same order:
 
@@ -50,8 +50,8 @@ VARIANTS = ("plain", "hmt_full", "hmt_sparse", "plain_bf16", "hmt_full_bf16", "h
 
 
 
-def variant_config(base: TrainConfig, name: str, steps: int, out_dir: str) -> TrainConfig:
-    changes = dict(steps=steps, output_dir=os.path.join(out_dir, name), log_every=1, eval_every=10**6,
+def variant_config(base: TrainConfig, name: str, steps: int, out_dir: str, batch_size: int = 1) -> TrainConfig:
+    changes = dict(steps=steps, batch_size=batch_size, output_dir=os.path.join(out_dir, name), log_every=1, eval_every=10**6,
                    save_every=10**6, progress=False, mix_fraction=0.0, mix_data=None, gradient_checkpointing=False,
                    precision="bf16" if name.endswith("_bf16") else "fp32")
     if name.startswith("plain"):
@@ -80,7 +80,9 @@ def run_variant(config: TrainConfig, backbone, tokenizer, data, warmup: int) -> 
 def main(argv=None) -> None:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--steps", type=positive_int, default=8, help="training steps per variant (batch 1)")
+    parser.add_argument("--steps", type=positive_int, default=8, help="training steps per variant and batch size")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4],
+                        help="examples per step (each variant runs at each)")
     parser.add_argument("--warmup", type=positive_int, default=2, help="steps left out of the timing")
     parser.add_argument("--distances", type=positive_int, nargs=2, default=[256, 1024], metavar=("MIN", "MAX"))
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
@@ -99,24 +101,27 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     rows = {}
-    for name in args.variants:  # each in a fresh process: its own precision and allocator
+    for batch_size, name in [(b, n) for b in args.batch_sizes for n in args.variants]:  # each in a fresh process
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--distances", *map(str, args.distances)]
+                   "--warmup", str(args.warmup), "--distances", *map(str, args.distances),
+                   "--batch-sizes", str(batch_size)]
         command += (["--threads", str(args.threads)] if args.threads else []) + (["--tiny"] if args.tiny else [])
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"variant {name} failed:\n{done.stderr[-3000:]}")
-        rows[name] = json.loads(lines[-1][len("RESULT "):])
-        print(f"  {name}: {rows[name]['examples_per_hour']:.0f} examples/hour, "
-              f"{rows[name]['tokens_per_s']:.0f} tokens/s", flush=True)
-    for name, row in rows.items():
-        plain = "plain_bf16" if name.endswith("_bf16") else "plain"
+        key = f"{name}_b{batch_size}"
+        rows[key] = dict(json.loads(lines[-1][len("RESULT "):]), variant=name, batch_size=batch_size)
+        print(f"  {key}: {rows[key]['examples_per_hour']:.0f} examples/hour, "
+              f"{rows[key]['tokens_per_s']:.0f} tokens/s", flush=True)
+    reference = f"hmt_full_b{min(args.batch_sizes)}"  # the recipe as it was: full BPTT, fp32, the smallest batch
+    for key, row in rows.items():
+        plain = ("plain_bf16" if row["variant"].endswith("_bf16") else "plain") + f"_b{row['batch_size']}"
         if plain in rows:
             row["time_vs_plain"] = rows[plain]["examples_per_hour"] / row["examples_per_hour"]
-        if "hmt_full" in rows:
-            row["speedup_vs_hmt_full_fp32"] = row["examples_per_hour"] / rows["hmt_full"]["examples_per_hour"]
-    print(table(["variant", "examples/hour", "tokens/s", "time / plain", "x hmt_full fp32"],
+        if reference in rows:
+            row["speedup_vs_hmt_full_fp32"] = row["examples_per_hour"] / rows[reference]["examples_per_hour"]
+    print(table(["variant", "examples/hour", "tokens/s", "time / plain", f"x {reference}"],
                 [[n, r["examples_per_hour"], r["tokens_per_s"], r.get("time_vs_plain"), r.get("speedup_vs_hmt_full_fp32")]
                  for n, r in rows.items()]))
     write_json(args.json, {"command": "python benchmarks/teaching_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -135,10 +140,11 @@ def worker(args) -> dict:
                                                                   sensory_memory_size=8, memory_compression=False))
     else:
         backbone, tokenizer = hmt.load_backbone(base.backbone)
-    examples = passkey.task_examples(tokenizer, args.steps, *args.distances, seed=987654)
+    (batch_size,) = args.batch_sizes
+    examples = passkey.task_examples(tokenizer, args.steps * batch_size, *args.distances, seed=987654)
     data = QADataset(examples, tokenizer, progress=False, **base.qa_options)
     with tempfile.TemporaryDirectory() as out_dir:
-        config = variant_config(base, args.worker, args.steps, out_dir)
+        config = variant_config(base, args.worker, args.steps, out_dir, batch_size)
         row = run_variant(config, backbone, tokenizer, data, args.warmup)
     return dict(row, threads=torch.get_num_threads())
 

@@ -27,6 +27,8 @@ def main(argv=None) -> None:
     parser.add_argument("--trials", type=positive_int, default=3)
     parser.add_argument("--full-attention-limit", type=non_negative_int, default=8192,
                         help="also the backbone over the whole prompt up to this length")
+    parser.add_argument("--recurrence", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the same weights with retrieval off (use_retrieval=False)")
     parser.add_argument("--out", type=Path, default=Path("outputs/passkey"))
     parser.add_argument("--write-task", type=Path, default=None, metavar="JSONL",
                         help="instead: write passkey training examples here (recipes/smollm2-passkey.yaml) and exit")
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
     checkpoint.resolve(args.adapter)  # a clear error before anything loads
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = hmt.load_pretrained(args.adapter)
-    results = passkey.run(model, tokenizer, args.distances, trials=args.trials, full_attention_limit=args.full_attention_limit)
+    results = passkey.run(model, tokenizer, args.distances, trials=args.trials, full_attention_limit=args.full_attention_limit,
+                          recurrence=args.recurrence)
     names = list(results)
     print(f"{'distance':>9} " + " ".join(f"{n:>8}" for n in names))
     for d in args.distances:

@@ -71,6 +71,32 @@ def test_passkey_run_generates_room_for_the_whole_key(monkeypatch):
     assert results == {"hmt": {100: 0.0}, "window": {100: 0.0}, "full": {100: 0.0}}
 
 
+def test_passkey_run_reports_the_recurrence_only_model_on_the_same_weights(monkeypatch):
+    """recurrence=True adds a column read by the same weights with retrieval off."""
+    from .conftest import make_backbone
+
+    class Tok(CharTokenizer):
+        eos_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(int(i)) for i in ids)
+
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=32, sensory_memory_size=4, num_memory_embeddings=4)).eval()
+    readers = []
+    original = HMT.generate
+
+    def spy(self, *args, **kwargs):
+        readers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HMT, "generate", spy)
+    results = passkey.run(model, Tok(), [100, 150], trials=1, progress=False, recurrence=True)
+    assert set(results) == {"hmt", "window", "recurrence"} and set(results["recurrence"]) == {100, 150}
+    assert [r.config.use_retrieval for r in readers] == [True, False, True, False]
+    recurrent, weights = readers[1].state_dict(), model.state_dict()
+    assert recurrent.keys() == weights.keys() and all(torch.equal(recurrent[k], weights[k]) for k in weights)
+
+
 def test_passkey_task_examples_place_the_key_and_round_trip(tmp_path):
     from hmt.data import load_qa_examples
 

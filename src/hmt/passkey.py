@@ -120,10 +120,13 @@ def run(
     seed: int = 0,
     full_attention_limit: Optional[int] = None,
     progress: bool = True,
+    recurrence: bool = False,
 ) -> dict[str, dict[int, float]]:
-    """Accuracy by distance: ``{"hmt": {D: acc}, "window": {...}[, "full": {...}]}``.
+    """Accuracy by distance: ``{"hmt": {D: acc}, "window": {...}[, "recurrence": {...}][, "full": {...}]}``.
 
     ``window``: the backbone given the last L prompt tokens (its own window without memory).
+    ``recurrence``: the same weights with retrieval off (``use_retrieval=False``: P_n is the
+    previous segment's memory), when asked for: what the long-term cache's search adds.
     ``full``: the backbone over the whole prompt, where the prompt fits ``full_attention_limit``.
     """
     from tqdm.auto import tqdm
@@ -133,6 +136,12 @@ def run(
     L = model.config.segment_length
     device = model.embedding_layer.weight.device
     results: dict[str, dict[int, float]] = {"hmt": {}, "window": {}}
+    models = {"hmt": model}
+    if recurrence:
+        from .evaluate import _without_retrieval
+
+        models["recurrence"] = _without_retrieval(model)
+        results["recurrence"] = {}
     if full_attention_limit:
         results["full"] = {}
     digits = 5
@@ -145,9 +154,10 @@ def run(
             ids = prompt.ids.to(device).view(1, -1)
             # room for the whole key however it tokenizes (SmolLM2: one token per digit)
             new = len(tokenizer(" " + key, add_special_tokens=False).input_ids) + 2
-            out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=new)
-            hits["hmt"] += key in _answer(tokenizer, out.sequences[0, ids.shape[1] :])
-            counts["hmt"] += 1
+            for name, reader in models.items():
+                out = reader.generate(ids, memory_state=reader.new_memory(1), max_new_tokens=new)
+                hits[name] += key in _answer(tokenizer, out.sequences[0, ids.shape[1] :])
+                counts[name] += 1
             window = ids[:, -L:]
             gen = backbone.generate(window, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             hits["window"] += key in _answer(tokenizer, gen[0, window.shape[1] :])
@@ -169,7 +179,8 @@ def plot(results: dict[str, dict[int, float]], path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = {"hmt": "HMT", "window": "backbone, last L tokens", "full": "backbone, full attention"}
+    labels = {"hmt": "HMT", "window": "backbone, last L tokens", "recurrence": "HMT, retrieval off",
+              "full": "backbone, full attention"}
     for name, curve in results.items():
         xs = sorted(curve)
         ax.plot(xs, [curve[x] for x in xs], marker="o", label=labels.get(name, name))
