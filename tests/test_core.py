@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -377,10 +379,11 @@ def test_scoring_without_logits_matches_in_slices():
 
 
 # ----------------------------------------------------------------------------- public seams
-def test_memory_step_is_one_segment_of_forward():
+@pytest.mark.parametrize("sink", [None, 1])
+def test_memory_step_is_one_segment_of_forward(sink):
     """Reading segment by segment through the public step gives forward's hidden states' logits
     and memory (the seam generation and evaluation use)."""
-    model = build("llama")
+    model = build("llama", sink_token_id=sink)
     ids = tokens(2, 3 * L)
     whole = model(ids, memory_state=model.new_memory(2))
     state, logits = model.new_memory(2), []
@@ -391,6 +394,39 @@ def test_memory_step_is_one_segment_of_forward():
         assert step.weights.shape == step.retrieved_segments.shape
     torch.testing.assert_close(torch.cat(logits, 1), whole.logits, **TOL)
     torch.testing.assert_close(state.cache, whole.memory_state.cache, **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sink_token_goes_first_and_the_segment_reads_the_memory_after_it(arch):
+    """sink_token_id: the augmented segment is [sink | P_n | sensory | E_n | P_n]; the backbone run
+    by hand on those embeddings gives the segment's logits, and m_n is read at the trailing P_n."""
+    model = build(arch, sink_token_id=1)
+    emb = model.embedding_layer
+    ids = tokens(1, 2 * L, seed=4)
+    state = model.new_memory(1)
+    with torch.no_grad():
+        for s in range(2):
+            seg = ids[:, s * L : (s + 1) * L]
+            step = model.memory_step(state, seg)
+            recalled, _ = model.read_memory(state, emb(seg), [L])
+            sensory = state.sensory_ids[:, : int(state.sensory_lengths[0])]
+            sequence = torch.cat([emb(torch.tensor([[1]])), recalled[:, None], emb(sensory), emb(seg), recalled[:, None]], 1)
+            out = model.backbone(inputs_embeds=sequence, output_hidden_states=True)
+            first = 2 + sensory.shape[1]
+            expected = out.logits[:, first : first + L]
+            torch.testing.assert_close(model.backbone.get_output_embeddings()(step.hidden), expected, **TOL)
+            torch.testing.assert_close(step.memory, model.memory_generator(out.hidden_states[-1]), **TOL)
+            assert sensory.shape[1] == (0 if s == 0 else K)
+            state = step.state
+    # the sink is not the paper's layout: the same weights without it read differently
+    plain = HMT(model.backbone, dataclasses.replace(model.config, sink_token_id=None)).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, model(ids).logits, **TOL)
+    with pytest.raises(ValueError, match="sink_token_id"):
+        HMT(model.backbone, dataclasses.replace(model.config, sink_token_id=VOCAB))
+    with pytest.raises(ValueError, match="cls"):
+        HMTConfig(segment_length=L, sensory_memory_size=K, sink_token_id=0, extraction_strategy="cls")
 
 
 def test_own_parameters_and_with_backbone():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from hmt import HMT, HMTConfig
@@ -14,8 +15,9 @@ from .conftest import VOCAB, make_backbone, randomize_memory_parameters
 L, K = 8, 3
 
 
-def _model():
-    model = HMT(make_backbone("llama"), HMTConfig(segment_length=L, sensory_memory_size=K, num_memory_embeddings=4)).eval()
+def _model(sink=None):
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=L, sensory_memory_size=K, num_memory_embeddings=4,
+                                                 sink_token_id=sink)).eval()
     randomize_memory_parameters(model)
     return model
 
@@ -75,9 +77,10 @@ def test_sliding_window_stride_keeps_every_token_once():
         assert math.isclose(a, b, rel_tol=1e-5)
 
 
-def test_causal_protocol_scores_each_token_from_a_forward_over_the_tokens_before_it():
+@pytest.mark.parametrize("sink", [None, 1])
+def test_causal_protocol_scores_each_token_from_a_forward_over_the_tokens_before_it(sink):
     """hmt-causal == token t + 1 scored by the last logits of model(ids[:t + 1]); rows_per_pass only batches."""
-    model = _model()
+    model = _model(sink)
     g = torch.Generator().manual_seed(3)
     # A memory holding three distinct memories and a query that depends on the tokens, so the
     # search result changes with the tokens seen. (A tiny random model otherwise writes

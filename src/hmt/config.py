@@ -82,6 +82,16 @@ class HMTConfig:
             "recall probe, for what this does to learning)."
         },
     )
+    sink_token_id: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "None: the augmented segment is the paper's [P_n | sensory | E_n | P_n]. A token id: "
+            "that token's embedding goes first, [sink | P_n | sensory | E_n | P_n], so the position a "
+            "pretrained backbone uses as its attention sink (the first) is not the memory token, whose "
+            "content the segment then reads like any other position's (an experiment of issue 19; see "
+            "benchmarks/README.md). For SmolLM2, 0 (<|endoftext|>, which opens its training documents)."
+        },
+    )
     use_retrieval: bool = field(
         default=True,
         metadata={
@@ -129,6 +139,11 @@ class HMTConfig:
             positive("hidden_dim", self.hidden_dim)
         if self.retrieval_dim is not None:
             positive("retrieval_dim", self.retrieval_dim)
+        if self.sink_token_id is not None:
+            positive("sink_token_id", self.sink_token_id, allow_zero=True)
+            if self.extraction_strategy == "cls":
+                raise ValueError("HMTConfig.extraction_strategy='cls' reads the first position, which sink_token_id "
+                                 "makes the fixed sink token: use 'last', 'mean' or 'max' with a sink.")
         if self.extraction_strategy not in EXTRACTION_STRATEGIES:
             raise ValueError(
                 f"HMTConfig.extraction_strategy must be one of {EXTRACTION_STRATEGIES}, "
@@ -146,8 +161,8 @@ class HMTConfig:
     # ------------------------------------------------------------------ derived sizes
     @property
     def augmented_length(self) -> int:
-        """Positions of one augmented segment: memory + k sensory + L tokens + memory."""
-        return self.sensory_memory_size + self.segment_length + 2
+        """Positions of one augmented segment: [sink] + memory + k sensory + L tokens + memory."""
+        return self.sensory_memory_size + self.segment_length + 2 + (self.sink_token_id is not None)
 
     @property
     def encoding_length(self) -> int:

@@ -173,7 +173,7 @@ def score_hmt_causal(
             packed = model.augmented_inputs(recalled.unsqueeze(1), row_state.sensory_ids,
                                             row_state.sensory_lengths.tolist(), row_embeds, lengths, write_slot=False)
             out = run_packed(model.backbone, packed)
-            last = torch.as_tensor([o + t for o, t in zip(packed.offsets[2], rows)], device=device)
+            last = torch.as_tensor([o + t for o, t in zip(packed.offsets[model.token_piece], rows)], device=device)
             row_logits = bb.lm_logits(model.backbone, out[torch.arange(m, device=device), last]).float()
             nll[rows[0] : rows[-1] + 1] = F.cross_entropy(row_logits, targets[rows[0] : rows[-1] + 1],
                                                           reduction="none").double()

@@ -360,7 +360,7 @@ class _DecodeBatch:
     def _reopen(self, rows: list[int]) -> None:
         """P_n is final: run the rows' prefixes once with a KV cache (one call per prefix length,
         so no row is padded) and let them join the decode lane."""
-        width = {r: 1 + int(self.rows[r].state.sensory_lengths[0]) + len(self.rows[r].open_ids) for r in rows}
+        width = {r: self.model.token_piece - 1 + int(self.rows[r].state.sensory_lengths[0]) + len(self.rows[r].open_ids) for r in rows}
         for group in _groups(rows, width.get):
             packed = self._prefix(group)
             hidden, cache = kv.prefill(self.model.backbone, packed.embeds, packed.position_ids)

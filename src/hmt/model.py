@@ -131,6 +131,9 @@ class HMT(nn.Module):
                 f"An augmented segment has k + L + 2 = {config.augmented_length} positions but the "
                 f"backbone supports {limit}. Lower segment_length or sensory_memory_size."
             )
+        if config.sink_token_id is not None and config.sink_token_id >= bb.vocab_size(backbone):
+            raise ValueError(f"HMTConfig.sink_token_id={config.sink_token_id} is not in the backbone's vocabulary "
+                             f"({bb.vocab_size(backbone)} ids): use the tokenizer's bos or eos id.")
         bb.check_decomposition(backbone)  # refuse a backbone whose logits HMT would get wrong
         self.config = config
         self.backbone = backbone
@@ -456,8 +459,15 @@ class HMT(nn.Module):
             summary = self.representation_encoder(self.backbone, token_embeds, lengths)
         return self.memory_search(summary, state.cache, state.cache_mask)
 
+    @property
+    def token_piece(self) -> int:
+        """Which piece of :meth:`augmented_inputs` holds the segment's tokens."""
+        return 2 + (self.config.sink_token_id is not None)
+
     def augmented_inputs(self, memory_token, sensory_ids, sensory_lengths, token_embeds, lengths, write_slot=True):
-        """The augmented segment ``[P_n | sensory | E_n | P_n]`` packed row by row (see ``layout``).
+        """The augmented segment ``[P_n | sensory | E_n | P_n]`` packed row by row (see ``layout``),
+        after a fixed sink token when ``config.sink_token_id`` is set (then the tokens are piece 3,
+        :attr:`token_piece`).
 
         ``memory_token (B, 1, d)``; ``sensory_ids (B, k)`` with ``sensory_lengths`` real ones;
         ``token_embeds (B, l, d)`` with ``lengths`` real ones. The leading P_n is what the segment
@@ -467,6 +477,9 @@ class HMT(nn.Module):
         ones = [1] * memory_token.shape[0]
         memory_token = memory_token.to(token_embeds.dtype)
         parts = [(memory_token, ones), (self.embedding_layer(sensory_ids), sensory_lengths), (token_embeds, lengths)]
+        if self.config.sink_token_id is not None:
+            sink = torch.full((len(ones), 1), self.config.sink_token_id, dtype=torch.long, device=token_embeds.device)
+            parts.insert(0, (self.embedding_layer(sink).to(token_embeds.dtype), ones))
         return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
 
     def _segment(self, carried, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool,
@@ -575,7 +588,7 @@ class HMT(nn.Module):
             packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, sensory_lengths, token_embeds,
                                            seg_lens)
             hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
-            segment_hidden = gather_rows(hidden, packed.offsets[2], width)  # (B, l, d)
+            segment_hidden = gather_rows(hidden, packed.offsets[self.token_piece], width)  # (B, l, d)
             memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
         if lengths is None:
             lengths = torch.as_tensor(seg_lens, device=seg_ids.device)
