@@ -32,6 +32,28 @@ def test_roundtrip_saves_only_hmt_parameters(tmp_path):
     assert not list(tmp_path.glob(".ckpt*"))  # no staging leftovers
 
 
+def test_an_adapter_saved_before_a_config_field_existed_loads_with_its_default(tmp_path):
+    """Files written before a field was added (here sink_token_id) lack it: it takes its default,
+    while a field whose saved value was edited is still refused."""
+    model = HMT(make_backbone("llama").requires_grad_(False), CONFIG).eval()
+    randomize_memory_parameters(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    for name, key in (("hmt_config.json", None), ("hmt_meta.json", "config")):
+        path = tmp_path / "ckpt" / name
+        data = json.loads(path.read_text())
+        (data[key] if key else data).pop("sink_token_id")
+        path.write_text(json.dumps(data))
+    restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt").eval()
+    assert restored.config.sink_token_id is None
+    with torch.no_grad():
+        torch.testing.assert_close(restored(_ids()).logits, model(_ids()).logits)
+    assert HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt", sink_token_id=1).config.sink_token_id == 1
+    path = tmp_path / "ckpt" / "hmt_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sink_token_id": 1}))
+    with pytest.raises(ValueError, match="sink_token_id"):
+        HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
+
+
 def test_saving_over_a_directory_keeps_other_files(tmp_path):
     """A second save replaces HMT's files and leaves the user's own (README, logs) in place."""
     backbone = make_backbone("llama").requires_grad_(False)

@@ -12,6 +12,7 @@ A directory written by :meth:`hmt.HMT.save_pretrained` holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -271,8 +272,12 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
     config = HMTConfig.load(directory)
     meta = read_meta(directory)
     saved = meta.get("config")
-    if saved is not None and saved != config.to_dict():
-        changed = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+    # A field added after the adapter was saved is absent from its files: it has its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(HMTConfig)}
+    current = config.to_dict()
+    changed = [] if saved is None else sorted(
+        k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+    if changed:
         raise ValueError(
             f"{directory / CONFIG_NAME} differs from the configuration the weights were trained with (fields "
             f"{changed}: trained {[saved.get(k) for k in changed]}, file {[config.to_dict().get(k) for k in changed]}). "
