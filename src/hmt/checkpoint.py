@@ -24,6 +24,7 @@ import torch
 from . import backbone as bb
 from .config import CONFIG_NAME, HMTConfig
 from .model import BACKBONE_PREFIX, HMT
+from .utils import chmod_as_created
 
 FORMAT_VERSION = 1
 META_NAME = "hmt_meta.json"
@@ -224,10 +225,8 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "hmt", "version": str(FORMAT_VERSION)})
         meta["weights_sha256"] = _file_sha256(staging / WEIGHTS_NAME)
         (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging / WEIGHTS_NAME, 0o666 & ~umask)  # like the JSON beside it (safetensors writes 0600)
-        os.chmod(staging, 0o777 & ~umask)
+        chmod_as_created(staging / WEIGHTS_NAME)  # like the JSON beside it (safetensors writes 0600)
+        chmod_as_created(staging, 0o777)
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

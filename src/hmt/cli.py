@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from .arguments import Parser, non_negative_int, positive_int
-
-DEFAULT_PROTOCOLS_TEXT = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
-DEFAULT_ADAPTER = "smollm2-135m"
-NAMED_CORPORA = ("kjv", "python-docs", "python-stdlib")
+from .constants import DEFAULT_ADAPTER
+from .data import named_source
+from .evaluate import DEFAULT_PROTOCOLS
+from .utils import chmod_as_created, spread
 
 
 class UsageError(Exception):
@@ -111,14 +111,13 @@ def _load_model(args: argparse.Namespace):
     """Backbone + HMT (from a checkpoint when given) + tokenizer, and the memory file's state."""
     import torch
 
-    from .backbone import _DEFAULT_ALIASES, load_backbone
+    from .backbone import is_default, load_backbone
     from .config import HMTConfig
     from .memory import MemoryState
     from .model import HMT
 
     checkpoint = args.checkpoint
-    default_backbone = (args.backbone.lower() if isinstance(args.backbone, str) else args.backbone) in _DEFAULT_ALIASES
-    if checkpoint is None and default_backbone and args.segment_length is None:
+    if checkpoint is None and is_default(args.backbone) and args.segment_length is None:
         checkpoint = DEFAULT_ADAPTER
         print(f"[hmt] using the shipped adapter {DEFAULT_ADAPTER} on the default backbone "
               "(--checkpoint none for an untrained HMT)", file=sys.stderr)
@@ -172,9 +171,7 @@ def _save_memory(model, args) -> int:
         except OSError as err:
             print(f"[hmt] could not save the memory to {path}: {err.strerror or err}", file=sys.stderr)
             continue
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a memory file is an ordinary file
+        chmod_as_created(path)  # safetensors writes 0600; a memory file is an ordinary file
         if path == target:
             print(f"[hmt] memory saved to {path}", file=sys.stderr)
             return 0
@@ -254,7 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
     _check_output_dir(out, args.overwrite)
     split = args.split
     if split is None:  # paths: exactly what was given; the named corpora: their held-out test split
-        named = [d for d in args.data if d in NAMED_CORPORA or d.startswith("hf:")]
+        named = [d for d in args.data if named_source(d)]
         split = "test" if named and len(named) == len(args.data) else "all"
 
     def fresh_backbone():
@@ -280,8 +277,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"{len(candidates)} in the {split} split, the longest {longest} tokens): lower --min-tokens"
             + (", or pass --split all to score every document." if split != "all" else ".")
         )
-    count = min(args.documents, len(long_enough))
-    chosen = [long_enough[i * len(long_enough) // count] for i in range(count)]
+    chosen = spread(long_enough, args.documents)
     import torch
 
     documents = [(name, torch.as_tensor(ids[: args.max_tokens])) for name, ids in chosen]
@@ -380,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--documents", type=positive_int, default=4, help="How many documents (spread over the split).")
     evaluate.add_argument("--min-tokens", type=non_negative_int, default=8192)
     evaluate.add_argument("--max-tokens", type=positive_int, default=8192, help="Score the first this many tokens of each.")
-    evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT),
+    evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
                           help="Comma-separated: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, and "
                                "hmt-causal (HMT scored strictly causally; ~j extra passes per segment).")
     evaluate.add_argument("--backbone", default=None)

@@ -25,10 +25,10 @@ from transformers.utils import ModelOutput
 
 from . import backbone as bb
 from .config import HMTConfig
+from .constants import IGNORE_INDEX
 from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 
-IGNORE_INDEX = -100
 BACKBONE_PREFIX = "backbone."  # state_dict names of the backbone's tensors inside HMT
 # Scoring without returning logits runs the LM head on slices of at most this many
 # (row, position, vocab) elements: 64 positions of a 49k vocabulary for one row on the CPU.

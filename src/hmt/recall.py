@@ -38,7 +38,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX
+
 KEY, QUERY = 1, 2
 FIRST_DIGIT = 3
 

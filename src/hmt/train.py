@@ -36,7 +36,9 @@ from torch import nn
 from . import backbone as bb
 from .checkpoint import read_meta, replace_dir
 from .config import HMTConfig
-from .model import HMT, IGNORE_INDEX, memory_mode
+from .constants import IGNORE_INDEX
+from .model import HMT, memory_mode
+from .utils import spread
 
 TRAINABLE = ("memory", "lora", "full")
 STATE_NAME = "training_state.pt"
@@ -469,9 +471,7 @@ def _document_data(config: TrainConfig, tokenizer, source, options: dict):
             "raise the validation share of split_fractions, or add data."
         )
     # Spread the scored documents over the split (a mixture lists its sources in order).
-    count = min(config.eval_documents, len(val_docs))
-    chosen = [val_docs[i * len(val_docs) // count] for i in range(count)]
-    val = [val_part.document(i)[: config.eval_max_tokens] for i in chosen]
+    val = [val_part.document(i)[: config.eval_max_tokens] for i in spread(val_docs, config.eval_documents)]
     return train, val
 
 
@@ -1055,7 +1055,7 @@ def _pad_to_longest_across(batch: dict, accelerator, pad_id: int) -> dict:
     extra = longest - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
-    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
     return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in batch.items()}
 
 
