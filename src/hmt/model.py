@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 from . import backbone as bb
 from .config import HMTConfig
 from .constants import IGNORE_INDEX
+from .fingerprint import backbone_record
 from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 
@@ -139,7 +140,7 @@ class HMT(nn.Module):
         self.memory_generator = MemoryEmbeddingGenerator(config)
         self._init_memory_parameters()
         self._state: Optional[MemoryState] = None
-        self.backbone_at_init = _backbone_record(backbone)  # what save_pretrained compares against
+        self.backbone_at_init = backbone_record(backbone)  # what save_pretrained compares against
 
     @torch.no_grad()
     def _init_memory_parameters(self) -> None:
@@ -716,17 +717,6 @@ def _scored_per_segment(targets: torch.Tensor, L: int, num_segments: int) -> lis
     B, T = targets.shape
     scored = F.pad(targets != IGNORE_INDEX, (0, num_segments * L - T))
     return scored.view(B, num_segments, L).sum((0, 2)).tolist()
-
-
-def _backbone_record(backbone: nn.Module) -> dict:
-    """The backbone as HMT received it: each parameter's in-place version (an optimizer step or a
-    weight load bumps it) and the fingerprint of its weights; :func:`hmt.checkpoint.save` tells from
-    it whether the backbone was trained since, and a full checkpoint names the weights it started from."""
-    from .checkpoint import embedding_checksum
-
-    weight = bb.unwrap(backbone).get_input_embeddings().weight
-    return {"versions": {n: p._version for n, p in backbone.named_parameters()},
-            "embedding_checksum": None if weight.device.type == "meta" else embedding_checksum(backbone)}
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
