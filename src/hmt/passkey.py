@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .evaluate import without_retrieval
 from .model import HMT
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -138,9 +139,7 @@ def run(
     results: dict[str, dict[int, float]] = {"hmt": {}, "window": {}}
     models = {"hmt": model}
     if recurrence:
-        from .evaluate import _without_retrieval
-
-        models["recurrence"] = _without_retrieval(model)
+        models["recurrence"] = without_retrieval(model)
         results["recurrence"] = {}
     if full_attention_limit:
         results["full"] = {}

@@ -34,10 +34,12 @@ import torch
 from torch import nn
 
 from . import backbone as bb
+from .baselines import memory_mode
 from .checkpoint import read_meta, replace_dir
 from .config import HMTConfig
 from .constants import IGNORE_INDEX
-from .model import HMT, memory_mode
+from .evaluate import score_document
+from .model import HMT
 from .utils import spread
 
 TRAINABLE = ("memory", "lora", "full")
@@ -518,11 +520,9 @@ def evaluate_documents(model: HMT, documents: Sequence, use_memory: Union[bool, 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator and not lockstep else (0, 1)
     for doc in list(documents)[rank::world]:
         if isinstance(doc, dict):  # a task example: score its labels (the answer) only
-            ids = doc["input_ids"].to(device).view(1, -1)
-            labels = doc["labels"].to(device).view(1, -1)
+            out = score_document(model, doc["input_ids"], doc["labels"], use_memory)
         else:
-            ids = labels = torch.as_tensor(doc, dtype=torch.long, device=device).view(1, -1)
-        out = model(ids, labels=labels, use_memory=use_memory, memory_state=model.new_memory(1), return_logits=False)
+            out = score_document(model, doc, use_memory=use_memory)
         kind = 0 if isinstance(doc, dict) else 1
         sums[kind, 0] += out.nll_sum.sum().double()
         sums[kind, 1] += out.num_tokens.sum().double()
