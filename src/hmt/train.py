@@ -14,6 +14,7 @@ final checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -397,13 +398,7 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
 
 def parameter_groups(model: HMT, config: TrainConfig) -> list[dict]:
     """The trained parameters as AdamW groups: the backbone's at ``lr``, HMT's own at ``hmt_lr``."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if not HMT.is_own(n)]
-    own = [p for n, p in named if HMT.is_own(n)]
-    groups = [{"params": backbone, "lr": config.lr}] if backbone else []
-    if own:
-        groups.append({"params": own, "lr": config.hmt_lr if config.hmt_lr is not None else config.lr})
-    return groups
+    return optimizer_groups(model, config.lr, config.hmt_lr, config.weight_decay)
 
 
 def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
@@ -477,19 +472,97 @@ def _document_data(config: TrainConfig, tokenizer, source, options: dict):
     return train, val
 
 
-# =========================================================================== schedule
+# =========================================================================== optimisation
+# The layer every training loop of hmt goes through (`hmt train` here, the recall probe in
+# hmt.recall): parameter groups, the learning-rate schedule, the loss of a batch, one optimizer step.
+def optimizer_groups(model: HMT, lr: float, hmt_lr: Optional[float] = None, weight_decay: float = 0.0) -> list[dict]:
+    """AdamW groups of the parameters that train: the backbone's at ``lr``, HMT's own (names not
+    starting with ``backbone.``) at ``hmt_lr`` (``lr`` when None). Frozen parameters are left out."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if not HMT.is_own(n)]
+    own = [p for n, p in named if HMT.is_own(n)]
+    groups = [{"params": backbone, "lr": lr, "weight_decay": weight_decay}] if backbone else []
+    if own:
+        groups.append({"params": own, "lr": hmt_lr if hmt_lr is not None else lr, "weight_decay": weight_decay})
+    return groups
+
+
+def lr_factor(step: int, *, warmup_steps: int, decay: str = "constant", steps: int = 1, decay_every: int = 100,
+              decay_gamma: float = 0.8, floor: float = 0.0, pi_first: bool = False) -> float:
+    """The learning rate at optimizer step ``step`` (from 0) as a fraction of the base rate: a linear
+    warm-up over ``warmup_steps``, then ``decay``: ``"step"`` (x ``decay_gamma`` every ``decay_every``
+    steps, the paper's), ``"cosine"`` (from 1 down to ``floor`` at ``steps``) or ``"constant"``.
+
+    ``pi_first``: the cosine's angle computed as ``(pi * elapsed) / span`` rather than
+    ``pi * (elapsed / span)``. The two round differently in the last bit at some steps; the recall
+    probe (:func:`hmt.recall.lr_schedule`) has always used the first, ``hmt train`` the second, and
+    each keeps its learning rates to the bit."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "step":
+        return decay_gamma ** ((step - warmup_steps) // decay_every)
+    if decay == "cosine":
+        span = max(1, steps - warmup_steps)
+        if pi_first:
+            angle = math.pi * min(step - warmup_steps, span) / span
+        else:
+            angle = math.pi * min(1.0, (step - warmup_steps) / span)
+        return floor + (1 - floor) / 2 * (1 + math.cos(angle))
+    return 1.0
+
+
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """:func:`lr_factor` of a run, as ``torch.optim.lr_scheduler.LambdaLR`` takes it."""
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.decay == "step":
-            return config.decay_gamma ** ((step - config.warmup_steps) // config.decay_every)
-        if config.decay == "cosine":
-            progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+        return lr_factor(step, warmup_steps=config.warmup_steps, decay=config.decay, steps=config.steps,
+                         decay_every=config.decay_every, decay_gamma=config.decay_gamma)
 
     return factor
+
+
+def make_optimizer(model: HMT, schedule: Callable[[int], float], lr: float, hmt_lr: Optional[float] = None,
+                   weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+    """AdamW over :func:`optimizer_groups` and a ``LambdaLR`` scheduler with ``schedule`` (a step's
+    fraction of the base rate, e.g. :func:`lr_lambda`): ``(optimizer, scheduler)``."""
+    optimizer = torch.optim.AdamW(optimizer_groups(model, lr, hmt_lr, weight_decay), lr=lr, weight_decay=weight_decay,
+                                  betas=betas)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = True, bptt_depth: Optional[int] = None,
+                  gradient_checkpointing: bool = False, sparse_bptt: bool = False, retrieval_loss_weight: float = 0.0,
+                  return_logits: bool = False, forward: Optional[Callable] = None, autocast: Callable = contextlib.nullcontext):
+    """The loss one batch trains on: ``model``'s next-token loss over ``batch`` (``input_ids``,
+    ``labels``, optionally ``attention_mask`` and ``evidence_position``), each row from an empty
+    memory, plus ``retrieval_loss_weight`` times :func:`supervised_retrieval_loss` (0 for a batch
+    without evidence positions; nothing at weight 0). ``forward``: the module that runs the model
+    (its DDP/FSDP wrapper; default ``model``), inside ``autocast()``. ``sparse_bptt``: see
+    :func:`sparse_bptt_segments`. Returns ``(loss, the forward's output, the retrieval term or None)``."""
+    L = model.config.segment_length
+    with autocast():
+        out = (forward or model)(
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+            use_memory=use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
+            return_logits=return_logits, detach_every=bptt_depth, checkpoint_segments=gradient_checkpointing,
+            grad_segments=sparse_bptt_segments(batch, L) if sparse_bptt else None,
+        )
+    loss, retrieval = out.loss, None
+    if retrieval_loss_weight > 0:  # 0 for a batch without placed evidence (e.g. mixed-in windows)
+        retrieval = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"], L)
+                     if "evidence_position" in batch else out.loss.new_zeros(()))
+        loss = loss + retrieval_loss_weight * retrieval
+    return loss, out, retrieval
+
+
+def optimizer_step(optimizer, scheduler, params: Sequence[torch.Tensor], max_grad_norm: float,
+                   clip: Callable = torch.nn.utils.clip_grad_norm_):
+    """Clip the gradients of ``params`` to ``max_grad_norm`` (with ``clip``), step the optimizer and
+    the schedule, clear the gradients; returns the norm before clipping."""
+    norm = clip(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def batch_order(num_items: int, step: int, global_batch: int, seed: int) -> list[int]:
@@ -606,8 +679,7 @@ def train(
         for note in _evidence_report(train_data, model.config):
             _warn(accelerator, note)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    optimizer, scheduler = make_optimizer(model, lr_lambda(config), config.lr, config.hmt_lr, config.weight_decay)
     start_step = 0
     checkpoint_dir = out_dir / "checkpoint"
     if fsdp:  # accelerate shards on HMT's own module boundaries unless told the backbone's layers
@@ -666,20 +738,12 @@ def train(
                     batch = {k: v.pin_memory().to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 else:
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    out = wrapped(
-                        batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                        use_memory=config.use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
-                        return_logits=False, detach_every=config.bptt_depth,
-                        checkpoint_segments=config.gradient_checkpointing,
-                        grad_segments=sparse_bptt_segments(batch, model.config.segment_length) if config.sparse_bptt else None,
-                    )
-                loss = out.loss
-                if supervise_retrieval:  # 0 for a micro-batch without placed evidence (e.g. mixed-in windows)
-                    retrieval = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"],
-                                                           model.config.segment_length)
-                                 if "evidence_position" in batch else out.loss.new_zeros(()))
-                    loss = loss + config.retrieval_loss_weight * retrieval
+                loss, out, retrieval = training_loss(
+                    model, batch, use_memory=config.use_memory, bptt_depth=config.bptt_depth,
+                    gradient_checkpointing=config.gradient_checkpointing, sparse_bptt=config.sparse_bptt,
+                    retrieval_loss_weight=config.retrieval_loss_weight if supervise_retrieval else 0.0,
+                    forward=wrapped, autocast=accelerator.autocast)
+                if supervise_retrieval:
                     retrieval_losses.append(retrieval.detach())
                 loss = loss / config.grad_accum
                 if config.grad_accum > 1 and micro < config.grad_accum - 1:
@@ -689,10 +753,8 @@ def train(
                     accelerator.backward(loss)
                 losses.append(out.loss.detach())
                 tokens_seen += torch.stack([batch["attention_mask"].sum(), out.num_tokens.sum()]) * world
-            grad_norm = _full(accelerator.clip_grad_norm_(params, config.max_grad_norm))  # FSDP: a DTensor
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scheduler, params, config.max_grad_norm,
+                                       lambda p, norm: _full(accelerator.clip_grad_norm_(p, norm)))  # FSDP: a DTensor
             step += 1
             # Loss, norm and token count stay on the device until a step that logs: reading
             # them back every step would make the host wait for the GPU each time.
@@ -760,16 +822,73 @@ def sparse_bptt_segments(batch: dict, segment_length: int) -> Optional[list[int]
     return sorted(set((evidence // segment_length).tolist()) | set((labelled // segment_length).tolist()))
 
 
+def retrieval_loss(
+    out,
+    evidence_segments: torch.Tensor,
+    query_segments: Union[int, torch.Tensor],
+    kind: str = "cross_entropy",
+) -> torch.Tensor:
+    """The supervised retrieval signal: the query segment's search should land on the evidence.
+
+    For each example, take the search distribution ``w (C,)`` of its query segment over the cache
+    (``out.retrieval_weights[q]``) and mark the entries written by the evidence segment
+    (``out.retrieved_segments[q] == evidence``):
+
+    * ``"cross_entropy"`` (the paper's code's): ``-sum_c p_c log w_c`` with ``p`` the evidence mask
+      normalised to sum 1, i.e. a cross-entropy of the search scores against that soft target;
+    * ``"mass"``: ``-log sum_{c in evidence} w_c``, the weight mass on the evidence.
+
+    With one evidence entry (one evidence segment per example, as in :func:`make_batch`) the two
+    are equal. Examples whose evidence is no longer in the cache (pushed out by FIFO) or whose
+    query segment has an empty cache are left out of the mean. The paper's code adds
+    ``0.05 *`` this to the LM loss.
+
+    Args:
+        out: an :class:`hmt.HMTOutput` of a forward with memory (``retrieval_weights``: per segment
+            ``(B, C)``; ``retrieved_segments``: per segment ``(B, C)``, -1 for empty slots).
+        evidence_segments: ``(B,)`` stream segment index of the evidence (as ``make_batch`` gives;
+            for a stream continued from an earlier ``memory_state`` these are stream indices);
+            -1 leaves the row out (no known evidence).
+        query_segments: ``(B,)`` or an int: index of the query segment *within this call's*
+            segments (``out.retrieval_weights[q]``).
+        kind: ``"cross_entropy"`` or ``"mass"``.
+
+    Returns:
+        A scalar tensor (0 with no gradient when no example has its evidence in the cache).
+    """
+    if out.retrieval_weights is None:
+        raise ValueError("retrieval_loss needs an output of a forward with memory (use_memory=True).")
+    if kind not in ("cross_entropy", "mass"):
+        raise ValueError(f"kind must be 'cross_entropy' or 'mass', got {kind!r}.")
+    B = evidence_segments.shape[0]
+    queries = torch.as_tensor(query_segments).reshape(-1).expand(B)  # an int or (B,): one per example
+    losses = []
+    for row in range(B):
+        q = int(queries[row])
+        weights = out.retrieval_weights[q][row].float()  # (C,)
+        retrieved_segments = out.retrieved_segments[q][row]  # (C,) the segment that wrote each entry
+        evidence = int(evidence_segments[row])
+        mask = retrieved_segments == evidence
+        if evidence < 0 or weights.numel() == 0 or not bool(mask.any()):  # -1: no known evidence
+            continue
+        if kind == "mass":
+            losses.append(-torch.log((weights * mask).sum().clamp_min(1e-30)))
+        else:
+            target = mask.float() / mask.sum()
+            losses.append(-(target * torch.log(weights.clamp_min(1e-30))).sum())
+    if not losses:
+        return out.retrieval_weights[0].new_zeros(())
+    return torch.stack(losses).mean()
+
+
 def supervised_retrieval_loss(out, evidence_positions: torch.Tensor, labels: torch.Tensor, segment_length: int):
     """The paper's supervised retrieval term for a batch of task examples.
 
     Row b's evidence begins at token ``evidence_positions[b]`` (-1: unknown, row left out), so
     the memory written by segment ``evidence // L`` holds it; the answer's first token is
     predicted at the position before the first labelled one, in segment ``(start - 1) // L``,
-    whose memory search should land on that memory. See :func:`hmt.recall.retrieval_loss`.
+    whose memory search should land on that memory. See :func:`retrieval_loss`.
     """
-    from .recall import retrieval_loss
-
     labelled = labels != IGNORE_INDEX
     first = torch.where(labelled.any(1), labelled.long().argmax(1), torch.zeros_like(labelled[:, 0], dtype=torch.long))
     evidence = torch.where(evidence_positions >= 0, evidence_positions // segment_length, -1)
