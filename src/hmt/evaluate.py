@@ -39,6 +39,7 @@ from . import backbone as bb
 from .baselines import score_with_context
 from .layout import run_packed
 from .model import HMT, HMTOutput
+from .visualize import save_figure
 
 DEFAULT_PROTOCOLS = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
 PROTOCOLS = ("disjoint", "sensory", "sliding-W", "sliding-max", "recurrence", "hmt", "hmt-causal")
@@ -263,20 +264,10 @@ def save_results(results: dict[str, ProtocolResult], path: str | os.PathLike, ex
 
 
 def plot_segment_ppl(results: dict[str, ProtocolResult], path: str | os.PathLike, segment_length: int) -> None:
-    import matplotlib
+    def draw(fig, ax):
+        for r in results.values():
+            ppl = r.segment_ppl()
+            ax.plot(range(1, len(ppl) + 1), ppl, marker="o", markersize=3, label=f"{r.protocol} ({r.ppl:.2f})")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for r in results.values():
-        ppl = r.segment_ppl()
-        ax.plot(range(1, len(ppl) + 1), ppl, marker="o", markersize=3, label=f"{r.protocol} ({r.ppl:.2f})")
-    ax.set_xlabel(f"segment index (blocks of {segment_length} tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity by position in the document")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(path, draw, (9, 5), xlabel=f"segment index (blocks of {segment_length} tokens)", ylabel="perplexity",
+                title="Perplexity by position in the document", grid=True, legend=True)

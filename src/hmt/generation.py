@@ -409,20 +409,13 @@ def _logits_processors(config):
 
 
 @torch.no_grad()
-def generate(
-    model: "HMT",
-    input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
-    generation_config=None,
-    memory_state: Optional[MemoryState] = None,
-    streamer=None,
-    generator: Optional[torch.Generator] = None,
-    exact_retrieval: bool = True,
-    **kwargs,
-) -> GenerateOutput:
+def generate(model: "HMT", input_ids, attention_mask, generation_config, memory_state, streamer, generator,
+             exact_retrieval: bool, overrides: dict) -> GenerateOutput:
+    """:meth:`hmt.HMT.generate` (see it for the arguments; ``overrides``: its keyword arguments)."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig.from_dict({**(generation_config.to_dict() if generation_config is not None else {}), **kwargs})
+    config = GenerationConfig.from_dict({**(generation_config.to_dict() if generation_config is not None else {}),
+                                         **overrides})
     if config.max_new_tokens is None:
         raise ValueError("generate() needs max_new_tokens (or a GenerationConfig with max_new_tokens).")
     if config.num_beams not in (None, 1):

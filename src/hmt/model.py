@@ -272,7 +272,7 @@ class HMT(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, generation_config, memory_state, streamer, generator,
-                        exact_retrieval, **kwargs)
+                        exact_retrieval, kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
