@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import compat
 from .fetch import Package, extract_member, fetch, staging
 from .utils import cache_dir, say
 
@@ -36,10 +37,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM, whose output is the LM head's input."""
     model = unwrap(model)
-    stack = getattr(model, "base_model", None)
-    if stack is None or stack is model:  # e.g. Gemma3ForCausalLM in transformers 4.x: prefix != attribute
-        stack = getattr(model, "model", None)
-    if not isinstance(stack, nn.Module) or stack is model:
+    stack = compat.decoder_stack_of(model)
+    if stack is None:
         raise TypeError(
             f"{type(model).__name__} has no separate decoder stack (base_model); HMT needs a "
             "Hugging Face *ForCausalLM model that accepts inputs_embeds."
@@ -48,8 +47,8 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 
 
 def text_config(model: nn.Module):
-    config = unwrap(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    """The config of the text model (the model's own, or a multimodal model's text part)."""
+    return compat.text_config(unwrap(model).config)
 
 
 def embedding_dim(model: nn.Module) -> int:
@@ -241,7 +240,7 @@ def load_backbone(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, _hub_validation_error()) as err:  # transformers 4.x lets the hub's ValueError through
+    except (OSError, compat.hub_validation_error()) as err:  # transformers 4.x lets the hub's ValueError through
         raise OSError(
             f"Could not load backbone {name_or_path!r}: {err}\nPass a local directory holding a "
             "Hugging Face causal LM, a model id reachable from this machine, or call "
@@ -251,19 +250,6 @@ def load_backbone(
         model = model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def _hub_validation_error() -> type:
-    """huggingface_hub's error for a name that is neither a local directory nor a valid model id
-    (a ValueError; transformers 5 turns it into an OSError, 4.x does not)."""
-    try:
-        from huggingface_hub.errors import HFValidationError
-    except ImportError:  # older huggingface_hub
-        try:
-            from huggingface_hub.utils import HFValidationError
-        except ImportError:
-            return OSError
-    return HFValidationError
 
 
 def _ensure_default_backbone() -> Path:

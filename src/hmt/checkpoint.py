@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from . import backbone as bb
+from .compat import lora_config
 from .config import CONFIG_NAME, HMTConfig
+from .constants import BACKBONE_PREFIX, is_own
 from .fingerprint import (backbone_signature, embedding_checksum, legacy_fingerprint_matches, memory_origin,  # noqa: F401
                           same_weights, trained_since)
-from .model import BACKBONE_PREFIX, HMT
 from .utils import chmod_as_created
 
 FORMAT_VERSION = 1
@@ -81,7 +82,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def trained_backbone_kind(model: "HMT") -> str:
+def trained_backbone_kind(model) -> str:
     """What of ``model``'s backbone a checkpoint must hold: ``"lora"`` for a PEFT backbone,
     ``"full"`` when its weights changed since HMT was built around it (an optimizer step, a weight
     load: whatever bumps a parameter's version) or came from a full checkpoint, else ``"none"``
@@ -98,7 +99,7 @@ def trained_backbone_kind(model: "HMT") -> str:
     return "full" if trained_since(record, backbone) else "none"
 
 
-def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None,
+def save(model, directory: str | os.PathLike, trained_backbone: str | None = None,
          dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """``state_dict``: the model's full ``state_dict()`` when the model itself holds only shards
     (FSDP: the trainer gathers it first); by default ``model.state_dict()``."""
@@ -109,7 +110,7 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         raise ValueError(f"trained_backbone must be 'none', 'lora' or 'full', got {kind!r}.")
     state = model.state_dict() if state_dict is None else state_dict
     backbone_state = _strip(state, BACKBONE_PREFIX)
-    tensors = {f"hmt.{k}": v for k, v in state.items() if HMT.is_own(k)}
+    tensors = {f"hmt.{k}": v for k, v in state.items() if is_own(k)}
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone_signature(model.backbone),
@@ -161,7 +162,7 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
     return target
 
 
-def _embedding_table(model: "HMT", state: dict[str, torch.Tensor]) -> torch.Tensor:
+def _embedding_table(model, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """The backbone's input-embedding table as it appears in ``state`` (a full state dict)."""
     weight = bb.unwrap(model.backbone).get_input_embeddings().weight
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -190,7 +191,7 @@ def _check_target(directory: str | os.PathLike) -> Path:
     return target
 
 
-def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_overrides) -> "HMT":
+def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_overrides) -> torch.nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -251,7 +252,7 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
             raise ValueError(f"Backbone weights in {directory} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = cls(backbone, config)
     own = _strip(tensors, "hmt.")
-    expected_keys = {k for k in model.state_dict() if HMT.is_own(k)}
+    expected_keys = {k for k in model.state_dict() if is_own(k)}
     if set(own) != expected_keys:
         raise ValueError(
             f"{directory} does not match this HMT config: missing {sorted(expected_keys - set(own))}, "
@@ -266,42 +267,6 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         model.trained_backbone = "full"
         model.base_embedding_checksum = meta.get("base_embedding_checksum")
     return model
-
-
-# LoRA settings a peft older than the one that saved a checkpoint may not know. An unknown field
-# is dropped only when it holds a value that switches nothing on (a feature left off); one that
-# is set means the adapter needs that feature, so loading it without would give other weights.
-_LORA_METADATA = {"peft_version", "base_model_name_or_path"}  # what saved it and where: no effect on the weights
-_LORA_DEPENDENT = {"qalora_group_size": "use_qalora"}  # read only when the other field is on
-
-
-def lora_config(saved: dict[str, Any], directory: str | os.PathLike = "the checkpoint"):
-    """A ``peft.LoraConfig`` from the LoRA settings a checkpoint holds (``LoraConfig.to_dict()`` of
-    the peft that saved it), for the installed peft: fields this peft does not know are dropped when
-    they leave a feature off, and refused (with what to do) when they turn one on."""
-    import dataclasses
-
-    import peft
-    from peft import LoraConfig
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    kept, needed = {}, {}
-    for key, value in saved.items():
-        if key in _LORA_METADATA:
-            continue
-        if key in known:
-            kept[key] = value
-        elif value in (None, False, {}, [], "") or (key in _LORA_DEPENDENT and not saved.get(_LORA_DEPENDENT[key])):
-            continue
-        else:
-            needed[key] = value
-    if needed:
-        raise ValueError(
-            f"The LoRA adapter in {directory} uses settings peft {peft.__version__} does not know: "
-            f"{', '.join(f'{k}={v!r}' for k, v in sorted(needed.items()))} (saved with peft "
-            f"{saved.get('peft_version', 'of another version')}). Upgrade peft: pip install -U peft"
-        )
-    return LoraConfig(**kept)  # peft names the base model itself
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"

@@ -23,17 +23,17 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from . import backbone as bb
-from . import baselines
+from . import baselines, checkpoint
 from .baselines import memory_mode
 from .config import HMTConfig
-from .constants import IGNORE_INDEX  # noqa: F401  (hmt.model.IGNORE_INDEX, as before)
+from .constants import BACKBONE_PREFIX, IGNORE_INDEX, is_own  # noqa: F401  (hmt.model.IGNORE_INDEX, as before)
+from .generation import generate
 from .fingerprint import backbone_record
 from .inputs import Batch, check_inputs, check_options, open_pending
 from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 from .scoring import CallScores, SegmentScore, autograd, run_segment, score_segment
 
-BACKBONE_PREFIX = "backbone."  # state_dict names of the backbone's tensors inside HMT
 _ENCODE_POSITIONS_CUDA = 65536  # positions per batched encoding pass on a GPU without autograd
 
 
@@ -196,7 +196,7 @@ class HMT(nn.Module):
     def is_own(name: str) -> bool:
         """Whether the parameter or buffer ``name`` (of ``named_parameters``/``state_dict``) is
         HMT's own (T, initial memory, W_q, W_k, compression), not the backbone's."""
-        return not name.startswith(BACKBONE_PREFIX)
+        return is_own(name)
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         """HMT's own tensors, by ``state_dict`` name (what a memory-only checkpoint holds)."""
@@ -222,8 +222,6 @@ class HMT(nn.Module):
         it, or that came from a full checkpoint, ``"full"``; ``requires_grad`` alone says nothing). ``dtype``
         stores the weights in another precision (e.g. ``torch.bfloat16``); loading casts back.
         """
-        from . import checkpoint
-
         return checkpoint.save(self, directory, trained_backbone, dtype)
 
     @classmethod
@@ -232,8 +230,6 @@ class HMT(nn.Module):
 
         Checks the backbone is the one it was trained on; applies saved LoRA weights.
         """
-        from . import checkpoint
-
         return checkpoint.load(cls, backbone, directory, **config_overrides)
 
     # ------------------------------------------------------------------ generation
@@ -269,8 +265,6 @@ class HMT(nn.Module):
             :class:`hmt.generation.GenerateOutput` with ``sequences (B, T + new)`` and the
             ``memory_state`` after the last token (its last segment left open).
         """
-        from .generation import generate
-
         return generate(self, input_ids, attention_mask, generation_config, memory_state, streamer, generator,
                         exact_retrieval, kwargs)
 

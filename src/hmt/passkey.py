@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data import QAExample
 from .evaluate import without_retrieval
 from .model import HMT
 from .visualize import save_figure
@@ -70,8 +71,6 @@ def task_examples(
     ``held_out_seed``, its first :data:`EVALUATION_DRAWS` trials) are never used, and its
     prompts (a fixed 64-token filler prefix) differ in layout from these.
     """
-    from .data import QAExample
-
     if not 0 < min_distance <= max_distance:
         raise ValueError(f"Need 0 < min_distance <= max_distance, got {min_distance} and {max_distance}.")
     rng = random.Random(seed)

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from . import backbone as bb
+from . import checkpoint, compat
+from . import data as hdata
 from .baselines import memory_mode
 from .checkpoint import read_meta, replace_dir
 from .config import HMTConfig
@@ -261,8 +263,6 @@ def _accepted_options(name: str, task: str) -> tuple:
     """The keys ``TrainConfig.<name>`` may hold: the keyword arguments of the function it is passed to."""
     import inspect
 
-    from . import data as hdata
-
     def keywords(function, leave=()) -> tuple:
         return tuple(p.name for p in inspect.signature(function).parameters.values()
                      if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
@@ -421,8 +421,6 @@ def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
 # =========================================================================== data
 def build_data(config: TrainConfig, tokenizer):
     """Training windows and validation documents from ``config.data``."""
-    from . import data as hdata
-
     if config.task == "qa":
         examples = hdata.load_qa_examples(config.data, **config.data_options)
         split = {name: [e for e in examples if hdata.assign_split(e.name, config.split_fractions, config.split_seed) == name]
@@ -441,8 +439,6 @@ def build_data(config: TrainConfig, tokenizer):
 
 def _document_data(config: TrainConfig, tokenizer, source, options: dict):
     """Training windows and validation documents (token arrays) of a document source."""
-    from . import data as hdata
-
     config = dataclasses.replace(config, data=source, data_options=options)
     corpus = hdata.TokenizedCorpus.from_source(config.data, tokenizer, progress=config.progress, **config.data_options)
     found = f"{corpus.num_documents} document(s), {corpus.num_tokens} tokens"
@@ -656,7 +652,7 @@ def train(
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=cpu_ddp)
     if cpu_ddp and _fsdp_requested():
-        _fsdp_on_cpu(accelerator)
+        compat.accelerate_fsdp_on_cpu(accelerator)
     fsdp = _is_fsdp(accelerator)
     for note in notes:
         _warn(accelerator, note)
@@ -700,8 +696,6 @@ def train(
 
     from tqdm.auto import tqdm
 
-    from .data import pad_collate
-
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.batch_size * config.grad_accum * world
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
@@ -731,7 +725,7 @@ def train(
             for micro in range(config.grad_accum):
                 base = micro * config.batch_size * world + rank * config.batch_size
                 items = [train_data[i] for i in order[base : base + config.batch_size]]
-                batch = pad_collate(items, pad_id)
+                batch = hdata.pad_collate(items, pad_id)
                 if fsdp and world > 1:  # every process must run the same segments (each layer gathers its shards)
                     batch = _pad_to_longest_across(batch, accelerator, pad_id)
                 if cuda:  # page-locked, so the copy does not make the host wait for the GPU
@@ -798,9 +792,7 @@ def train(
     final_dir = out_dir / "final"
     full_state = _full_state_dict(model) if fsdp else None  # every process takes part in gathering it
     if accelerator.is_main_process:
-        from .checkpoint import save
-
-        save(model, final_dir, trained_backbone=_trained_kind(config), state_dict=full_state)
+        checkpoint.save(model, final_dir, trained_backbone=_trained_kind(config), state_dict=full_state)
         if wrote_checkpoint:
             _remove_training_state(checkpoint_dir)
     accelerator.wait_for_everyone()
@@ -947,10 +939,8 @@ def _evidence_report(train_data, hmt_config: HMTConfig) -> list[str]:
     raises a ``ValueError`` when no example can be placed. Datasets other than a ``QADataset``
     (or a ``MixedDataset`` of one) are not checked.
     """
-    from .data import MixedDataset, QADataset
-
-    tasks = train_data.primary if isinstance(train_data, MixedDataset) else train_data
-    if not isinstance(tasks, QADataset):
+    tasks = train_data.primary if isinstance(train_data, hdata.MixedDataset) else train_data
+    if not isinstance(tasks, hdata.QADataset):
         return []
     L, N = hmt_config.segment_length, hmt_config.num_memory_embeddings
     problems: dict = {}  # reason -> names of the examples
@@ -1115,29 +1105,6 @@ def _is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
-
-
-def _fsdp_on_cpu(accelerator) -> None:
-    """accelerate sets up FSDP only on GPUs and other accelerators; on a CPU-only machine it
-    quietly falls back to DDP over gloo. torch's FSDP2 (``fully_shard``) runs on the CPU over
-    gloo, so switch the run to accelerate's FSDP with the plugin its launch config describes."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = accelerator.state
-    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
-    if getattr(plugin, "fsdp_version", 1) != 2:
-        import accelerate
-
-        raise ValueError(
-            "FSDP on a machine without a GPU needs FSDP2 (torch's fully_shard, which runs over gloo): set "
-            "`fsdp_version: 2` under `fsdp_config` in the accelerate config (see recipes/accelerate/fsdp.yaml), "
-            f"with accelerate >= 1.6 (this is {accelerate.__version__})."
-        )
-    from accelerate.state import PartialState
-
-    PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it back from there
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = plugin
 
 
 def _full(tensor):

@@ -29,9 +29,9 @@ One module per concern, all of it importable from here:
 """
 
 from .corpora import BUILTIN_CORPORA, corpora_dir
-from .corpus import _PROBE, TokenizedCorpus, TokenRanges, assign_split, split_documents
+from .corpus import TokenizedCorpus, TokenRanges, assign_split, split_documents
 from .datasets import MixedDataset, QADataset, QAExample, WindowDataset, load_qa_examples, pad_collate
-from .sources import (DataError, Document, PathLike, _wikitext_articles, iter_documents, load_documents, named_source,
+from .sources import (DataError, Document, PathLike, iter_documents, load_documents, named_source,
                       source_identity)
 
 __all__ = [
