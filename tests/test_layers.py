@@ -28,11 +28,14 @@ FLOORS = [
     ["model"],
     ["visualize"],
     ["evaluate"],
-    ["training", "train"],
-    ["recall", "passkey", "lm_eval_model"],
+    ["training"],
+    ["train", "recall", "passkey", "lm_eval_model"],  # train: the trainer's names as they were (hmt.train.*)
     ["cli"],
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
+# Inside a package, its modules bottom to top (one a floor).
+PACKAGE_FLOORS = {"training": ["config", "build", "optim", "objective", "evaluation", "distributed", "state", "loop",
+                               "recipe"]}
 
 
 def _modules() -> list[Path]:
@@ -44,8 +47,9 @@ def _name(path: Path) -> str:
     return path.relative_to(SRC).with_suffix("").parts[0]
 
 
-def _imported(path: Path, node: ast.ImportFrom) -> list[str]:
-    """The top-level hmt modules an ``from ... import`` names (relative or absolute)."""
+def _imported(path: Path, node: ast.ImportFrom, depth: int = 0) -> list[str]:
+    """The hmt modules an ``from ... import`` names (relative or absolute): at the top level
+    (``depth`` 0), or inside the package, one level down (``depth`` 1)."""
     package = path.relative_to(SRC).parent.parts  # () for hmt itself
     if node.level:
         base = list(package[: len(package) - (node.level - 1)]) if node.level > 1 else list(package)
@@ -54,9 +58,9 @@ def _imported(path: Path, node: ast.ImportFrom) -> list[str]:
         parts = node.module.split(".")[1:]
     else:
         return []
-    if parts:
-        return [parts[0]]
-    return [alias.name for alias in node.names]  # from . import backbone, checkpoint
+    if len(parts) > depth:
+        return [parts[depth]]
+    return [alias.name for alias in node.names] if len(parts) == depth else []  # from . import backbone, checkpoint
 
 
 def _hmt_imports(path: Path):
@@ -83,6 +87,21 @@ def test_imports_run_downward_and_sit_at_the_top(path):
         assert at_top, f"{where} inside a function: import it at the top (if that makes a cycle, a name is on the wrong floor)"
         if other != me:
             assert FLOOR[other] < FLOOR[me], f"{where}, which stands on a higher floor ({FLOOR[other]} > {FLOOR[me]})"
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGE_FLOORS))
+def test_a_packages_modules_import_downward_too(package):
+    order = PACKAGE_FLOORS[package]
+    for path in sorted((SRC / package).glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        me = path.stem
+        assert me in order, f"{package}.{me} has no floor in PACKAGE_FLOORS"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for other in _imported(path, node, depth=1):
+                    where = f"{path.relative_to(ROOT)}:{node.lineno} imports {package}.{other}"
+                    assert order.index(other) < order.index(me), f"{where}, which stands higher"
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))

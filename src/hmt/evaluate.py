@@ -103,7 +103,7 @@ def score_document(model: HMT, ids, labels=None, use_memory: Union[bool, str] = 
     """One document (1-D token ids) read by ``model`` from an empty memory, every label scored once
     (``labels``: default the ids themselves, i.e. every token but the first); ``use_memory`` as in
     ``HMT.forward`` (False, ``"sensory"``: the baselines). The perplexity loop of evaluation and of
-    validation during training (:func:`hmt.train.evaluate_documents`)."""
+    validation during training (:func:`hmt.training.evaluate_documents`)."""
     device = model.embedding_layer.weight.device
     ids = torch.as_tensor(ids, dtype=torch.long, device=device).view(1, -1)
     labels = ids if labels is None else labels.to(device).view(1, -1)

@@ -40,9 +40,10 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .constants import IGNORE_INDEX
-from .train import lr_factor, make_optimizer, optimizer_step, training_loss
-from .train import optimizer_groups as parameter_groups  # the probe's name for hmt train's groups
-from .train import retrieval_loss  # noqa: F401  (hmt.recall.retrieval_loss, as before)
+from .training.objective import retrieval_loss  # noqa: F401  (hmt.recall.retrieval_loss, as before)
+from .training.objective import training_loss
+from .training.optim import lr_factor, make_optimizer, optimizer_step
+from .training.optim import optimizer_groups as parameter_groups  # the probe's name for hmt train's groups
 
 KEY, QUERY = 1, 2
 FIRST_DIGIT = 3
@@ -118,7 +119,7 @@ class RecallBatch:
         return self.query_segments - self.evidence_segments
 
     def training_batch(self, segment_length: int) -> dict:
-        """The batch as :func:`hmt.train.training_loss` takes it (the evidence by its first token)."""
+        """The batch as :func:`hmt.training.training_loss` takes it (the evidence by its first token)."""
         return {"input_ids": self.input_ids, "labels": self.labels,
                 "evidence_position": self.evidence_segments * segment_length}
 
@@ -346,7 +347,7 @@ def train_recall(
 
 def lr_schedule(config: RecallTrainConfig) -> Callable[[int], float]:
     """The probe's learning rate at each step as a fraction of ``lr``: ``hmt train``'s schedule
-    (:func:`hmt.train.lr_factor`) with a linear warm-up, then a cosine decay to 10%."""
+    (:func:`hmt.training.lr_factor`) with a linear warm-up, then a cosine decay to 10%."""
     def factor(step: int) -> float:
         return lr_factor(step, warmup_steps=config.warmup_steps, decay="cosine", steps=config.steps, floor=0.1,
                          pi_first=True)
