@@ -1,33 +1,6 @@
 """``hmt.train``: the trainer's names where they have always been (``hmt.train.train``,
-``hmt.train.TrainConfig``, ...). The trainer itself is the package :mod:`hmt.training`."""
+``hmt.train.TrainConfig``, ``hmt.train.load_recipe``, ...): every name of :mod:`hmt.training`,
+the package the trainer now is."""
 
-from .training import (STATE_NAME, TRAINABLE, TrainConfig, TrainResult, batch_order, build_data, build_model,
-                       evaluate_documents, fields_help, load_recipe, lr_factor, lr_lambda, make_optimizer,
-                       optimizer_groups, optimizer_step, parameter_groups, retrieval_loss, run_recipe, set_trainable,
-                       sparse_bptt_segments, supervised_retrieval_loss, train, training_loss)
-
-__all__ = [
-    "STATE_NAME",
-    "TRAINABLE",
-    "TrainConfig",
-    "TrainResult",
-    "batch_order",
-    "build_data",
-    "build_model",
-    "evaluate_documents",
-    "fields_help",
-    "load_recipe",
-    "lr_factor",
-    "lr_lambda",
-    "make_optimizer",
-    "optimizer_groups",
-    "optimizer_step",
-    "parameter_groups",
-    "retrieval_loss",
-    "run_recipe",
-    "set_trainable",
-    "sparse_bptt_segments",
-    "supervised_retrieval_loss",
-    "train",
-    "training_loss",
-]
+from .training import *  # noqa: F401,F403  (the names of hmt.training.__all__)
+from .training import __all__  # noqa: F401
