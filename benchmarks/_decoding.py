@@ -1,6 +1,6 @@
 """Helpers shared by the generation benchmarks (generation_latency.py, generation_batch.py,
 generation_memory.py): their flags, clocks around decoding, the plain backbone's greedy loop,
-interleaved repetitions, and scoped wrapping of HMT's decoder.
+interleaved repetitions, and a clock on HMT's decoder (through hmt.generation.watch_decoding).
 
 Import it after setting OMP_WAIT_POLICY (it imports torch).
 """
@@ -8,7 +8,6 @@ Import it after setting OMP_WAIT_POLICY (it imports torch).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import time
@@ -114,21 +113,6 @@ class Stamps:
         return out
 
 
-@contextlib.contextmanager
-def wrapped_methods(cls: type, wrappers: dict[str, Callable[[Callable], Callable]]):
-    """Inside the block, ``cls.name`` is ``wrappers[name](the original)``; the originals are back
-    on exit, on an exception too. For HMT's decoder (``hmt.generation._DecodeBatch``), which has no
-    hooks: every decoder built inside the block is timed, nothing in hmt is changed."""
-    originals = {name: cls.__dict__[name] for name in wrappers}  # the class's own entries, put back as they were
-    try:
-        for name, wrap in wrappers.items():
-            setattr(cls, name, wrap(getattr(cls, name)))
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(cls, name, original)
-
-
 class DecodeClock:
     """Decode time of a (batched) ``generate``: from the end of the decoder's set-up (the open
     segments' prefill) to the end of its last step. A context manager: it times the decoders
@@ -138,17 +122,14 @@ class DecodeClock:
         self.device = device
         self.marks: list[tuple[float, float]] = []
 
-    def _stamp_after(self, method: Callable) -> Callable:
-        def stamped(decoder, *args, **kwargs):
-            method(decoder, *args, **kwargs)
+    def _stamp(self, part: str, event: str) -> None:
+        if event == "end" and part in ("setup", "step"):  # the decoder set up, a decode step done
             self.marks.append(now(self.device))
-
-        return stamped
 
     def __enter__(self) -> "DecodeClock":
         from hmt import generation
 
-        self._scope = wrapped_methods(generation._DecodeBatch, {"__init__": self._stamp_after, "advance": self._stamp_after})
+        self._scope = generation.watch_decoding(self._stamp)
         self._scope.__enter__()
         return self
 

@@ -12,8 +12,8 @@ prefill is excluded on both sides. Variants, interleaved in a rotating order per
                  context length as HMT's augmented segment): the headline baseline
   plain_prompt   the same loop over the whole prompt
 
-Each HMT step is classified from the calls of HMT's decoder (``hmt.generation._DecodeBatch``,
-wrapped for the run only; the memory search timed with module hooks), and exact mode's lowest
+Each HMT step is classified from the parts of its work HMT's decoder reports
+(``hmt.generation.watch_decoding``; the memory search timed with module hooks), and exact mode's lowest
 possible ratio is computed from the measured per-step costs. CPU time is the headline on a
 CPU device (--clock), wall time on CUDA. benchmarks/README.md has the details and figures.
 
@@ -37,7 +37,7 @@ import torch
 from hmt.arguments import run
 from _common import document_ids, hmt_from_args, median, parse_dtype, positive_int, synchronize, table
 from _decoding import (Stamps, add_prompt_arguments, headline_clock, now, parse, parser, run_interleaved,
-                       run_part, run_plain, wrapped_methods)
+                       run_part, run_plain)
 
 VARIANTS = ("hmt_exact", "hmt_fast", "plain_matched", "plain_prompt")
 HMT_VARIANTS = ("hmt_exact", "hmt_fast")
@@ -45,24 +45,25 @@ PLAIN_VARIANTS = ("plain_matched", "plain_prompt")
 
 
 class StreamProbe:
-    """Logs what each decode step of HMT's decoder did, inside a ``with`` block: the decoder's
-    methods are wrapped for the block only (``wrapped_methods``) and the memory search is timed
-    by forward hooks; nothing in hmt is changed.
+    """Logs what each decode step of HMT's decoder did, inside a ``with`` block: the decoder reports
+    the parts of its work (``hmt.generation.watch_decoding``) and the memory search is timed by
+    forward hooks; nothing in hmt is changed.
 
     Per step: its kind and the time spent in each wrapped call. ``encode`` (the incremental
     encoding step), ``search`` (memory search), ``prefix`` ([P|sensory|E] run again, with
     or without keeping its KV cache), ``cached`` (the batched KV-cached step), ``close``
     (writing m_n), ``search_once`` (fast mode: encoding + search once per segment)."""
 
-    NAMES = ("_cached_step", "_close", "_encode", "_recompute", "_reopen", "_search_once")
-    PARTS = {"encode": ("_encode",), "search": ("memory_search",), "prefix": ("_recompute", "_reopen"),
-             "cached": ("_cached_step",), "close": ("_close",), "search_once": ("_search_once",)}
+    NAMES = ("cached_step", "close", "encode", "recompute", "reopen", "search_once")
+    PARTS = {"encode": ("encode",), "search": ("memory_search",), "prefix": ("recompute", "reopen"),
+             "cached": ("cached_step",), "close": ("close",), "search_once": ("search_once",)}
 
     def __init__(self, model, device: torch.device):
         self.model, self.device = model, device
         self.events: list[tuple[str, int, float, float, float, float]] = []  # name, depth, start/end wall, cpu
         self.depth = 0
         self._open_searches: list[tuple[int, float, float]] = []
+        self._open_parts: list[tuple[int, float, float]] = []
 
     def _begin(self) -> tuple[int, float, float]:
         depth = self.depth
@@ -74,18 +75,13 @@ class StreamProbe:
         self.events.append((name, depth, w0, w1, c0, c1))
         self.depth -= 1
 
-    def _timed(self, name: str):
-        def wrap(fn):
-            def timed(*args, **kwargs):
-                started = self._begin()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self._finish(name, *started)
-
-            return timed
-
-        return wrap
+    def _part(self, part: str, event: str) -> None:
+        if part not in self.NAMES:
+            return
+        if event == "start":
+            self._open_parts.append(self._begin())
+        else:
+            self._finish(part, *self._open_parts.pop())
 
     def _search_started(self, module, inputs) -> None:
         self._open_searches.append(self._begin())
@@ -97,7 +93,7 @@ class StreamProbe:
         from hmt import generation
 
         self._scope = contextlib.ExitStack()
-        self._scope.enter_context(wrapped_methods(generation._DecodeBatch, {n: self._timed(n) for n in self.NAMES}))
+        self._scope.enter_context(generation.watch_decoding(self._part))
         search = self.model.memory_search
         self._scope.callback(search.register_forward_pre_hook(self._search_started).remove)
         self._scope.callback(search.register_forward_hook(self._search_done).remove)
@@ -118,13 +114,13 @@ class StreamProbe:
             w0, w1 = marks[s][0], marks[s + 1][0]
             inside = [e for e in self.events if e[2] >= w0 and e[3] <= w1]
             top = {e[0] for e in inside if e[1] == 0}
-            if "_close" in top:
-                kind = "close + reopen" if "_reopen" in top else "close + recompute"
-            elif "_reopen" in top:
+            if "close" in top:
+                kind = "close + reopen" if "reopen" in top else "close + recompute"
+            elif "reopen" in top:
                 kind = "P final: reopen"
-            elif "_recompute" in top:
+            elif "recompute" in top:
                 kind = "recompute"
-            elif "_cached_step" in top:
+            elif "cached_step" in top:
                 kind = "cached"
             else:
                 kind = "other"

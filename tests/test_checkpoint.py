@@ -106,9 +106,9 @@ def test_lora_settings_of_another_peft_version_load_when_they_change_nothing(tmp
              "future_patterns": {}, "future_group_size": 16, "use_future_group": False}
     meta["lora_config"].update(newer)
     meta_path.write_text(json.dumps(meta))
-    from hmt import checkpoint
+    from hmt import compat
 
-    checkpoint._LORA_DEPENDENT["future_group_size"] = "use_future_group"
+    compat.LORA_DEPENDENT["future_group_size"] = "use_future_group"
     try:
         restored = HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt").eval()
         with torch.no_grad():
@@ -118,7 +118,7 @@ def test_lora_settings_of_another_peft_version_load_when_they_change_nothing(tmp
         with pytest.raises(ValueError, match=r"future_group_size=16.*use_future_group=True.*pip install -U peft"):
             HMT.from_pretrained(make_backbone("llama"), tmp_path / "ckpt")
     finally:
-        del checkpoint._LORA_DEPENDENT["future_group_size"]
+        del compat.LORA_DEPENDENT["future_group_size"]
 
 
 @pytest.mark.parametrize("adapter", ["smollm2-135m", "smollm2-135m-baseline"])

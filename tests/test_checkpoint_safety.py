@@ -25,6 +25,21 @@ def saved(tmp_path):
     return tmp_path / "out"
 
 
+
+def test_a_checkpoint_older_than_the_checksum_is_still_checked(saved):
+    """Checkpoints written before ``embedding_checksum`` hold only the scalar ``embedding_fingerprint``
+    (now read, never written): the backbone they name loads, another is refused."""
+    meta_path = saved / "hmt_meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert "embedding_fingerprint" not in meta  # one fingerprint is written: the checksum
+    table = make_backbone("llama").get_input_embeddings().weight.detach()
+    del meta["embedding_checksum"]
+    meta["embedding_fingerprint"] = round(float(table[:64].double().abs().sum()), 3)
+    meta_path.write_text(json.dumps(meta))
+    HMT.from_pretrained(make_backbone("llama"), saved)
+    with pytest.raises(ValueError, match="other weights"):
+        HMT.from_pretrained(make_backbone("llama", seed=5), saved)
+
 def test_other_weights_are_refused_same_weights_in_another_dtype_warn(saved):
     other = make_backbone("llama", seed=0)
     with torch.no_grad():  # a slightly fine-tuned embedding: far inside the old 1% tolerance

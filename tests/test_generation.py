@@ -308,3 +308,33 @@ def test_long_prompt_read_in_chunks_equals_one_pass():
     ids = prompt(11 * L + 3, seed=11)  # more closed segments than one prefill chunk
     out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=L)
     assert torch.equal(out.sequences, argmax_loop(model, ids, L))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_watch_decoding_reports_every_part_of_a_decode_step(exact):
+    """The public timing hook the benchmarks use: one setup, one step per generated token,
+    parts nested inside steps, every start ended; nothing reported outside the block, and the
+    tokens are those of a call without the hook."""
+    from hmt import generation
+
+    model = build("llama")
+    ids = prompt(L + 3, seed=5)
+    events = []
+    with generation.watch_decoding(lambda part, event: events.append((part, event))):
+        out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=2 * L, exact_retrieval=exact)
+    assert torch.equal(out.sequences, model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=2 * L,
+                                                     exact_retrieval=exact).sequences)
+    depth, open_parts = 0, []
+    for part, event in events:
+        if event == "start":
+            open_parts.append(part)
+        else:
+            assert open_parts.pop() == part
+        depth = max(depth, len(open_parts))
+    assert not open_parts and depth >= 2
+    ends = [part for part, event in events if event == "end"]
+    assert ends.count("setup") == 1 and ends.count("step") == 2 * L  # the memory takes the last token too
+    assert {"cached_step", "close"} <= set(ends) and ({"encode", "recompute"} <= set(ends) if exact else True)
+    events.clear()
+    model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=3)
+    assert events == []

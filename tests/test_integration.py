@@ -77,6 +77,13 @@ def make_hmt(backbone, **overrides) -> HMT:
     return HMT(backbone, HMTConfig(**values)).eval()
 
 
+def long_paragraph_setup(backbone_and_tokenizer):
+    """``(backbone, an untrained HMT around it, L, LONG_PARAGRAPH's ids)``."""
+    backbone, tokenizer = backbone_and_tokenizer
+    model = make_hmt(backbone)
+    return backbone, model, model.config.segment_length, tokenize(tokenizer, LONG_PARAGRAPH)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
@@ -97,10 +104,7 @@ def test_memory_off_equals_backbone_on_short_text(backbone_and_tokenizer):
 
 @pytest.mark.integration
 def test_memory_off_equals_backbone_on_disjoint_chunks(backbone_and_tokenizer):
-    backbone, tokenizer = backbone_and_tokenizer
-    model = make_hmt(backbone)
-    L = model.config.segment_length
-    ids = tokenize(tokenizer, LONG_PARAGRAPH)
+    backbone, model, L, ids = long_paragraph_setup(backbone_and_tokenizer)
     assert ids.shape[1] > 2 * L and ids.shape[1] % L != 0  # full segments and a shorter last one
     with torch.no_grad():
         got = model(ids, use_memory=False)["logits"]
@@ -138,10 +142,7 @@ def test_memory_on_follows_the_spec_on_the_first_two_segments(backbone_and_token
 @pytest.mark.integration
 def test_memory_on_changes_every_segment(backbone_and_tokenizer):
     # The first segment differs too: it reads the initial memory P_1 placed in front of it.
-    backbone, tokenizer = backbone_and_tokenizer
-    model = make_hmt(backbone)
-    L = model.config.segment_length
-    ids = tokenize(tokenizer, LONG_PARAGRAPH)
+    backbone, model, L, ids = long_paragraph_setup(backbone_and_tokenizer)
     with torch.no_grad():
         with_memory = model(ids, use_memory=True)["logits"]
         model.clear_memory()

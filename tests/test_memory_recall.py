@@ -179,3 +179,30 @@ def test_curricula_over_key_position_and_length():
     finally:
         recall.make_batch = original
     assert seen == [(1, 0), (1, 0), (2, None), (2, None), (3, None), (3, None), (3, None), (3, None)]
+
+
+def test_the_probe_trains_on_hmt_trains_schedule_with_its_own_learning_rates():
+    """train_recall goes through hmt train's optimisation layer (lr_factor, groups, optimizer step):
+    the learning rates of its default configuration are, step by step and to the bit, those of the
+    schedule it had of its own (linear warm-up, then a cosine decay to 10%)."""
+    import math
+
+    config = recall.RecallTrainConfig()
+    factor = recall.lr_schedule(config)
+
+    def old_scale(step):  # the probe's schedule before it was shared
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - config.warmup_steps)
+                                          / max(1, config.steps - config.warmup_steps)))
+
+    assert [config.lr * factor(s) for s in range(config.steps)] == [config.lr * old_scale(s) for s in range(config.steps)]
+    # and what the optimizer is given, group by group, through the LambdaLR the trainer uses
+    torch.manual_seed(0)
+    model = hmt.HMT(recall.tiny_llama(vocab_size=32, hidden_size=16, layers=1, heads=2),
+                    hmt.HMTConfig(segment_length=16, sensory_memory_size=4, num_memory_embeddings=8))
+    optimizer, scheduler = recall.make_optimizer(model, factor, config.lr, 5e-3, betas=(0.9, 0.98))
+    for step in range(config.steps):
+        assert [g["lr"] for g in optimizer.param_groups] == [config.lr * old_scale(step), 5e-3 * old_scale(step)]
+        optimizer.step()
+        scheduler.step()

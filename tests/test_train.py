@@ -149,6 +149,28 @@ def test_batch_order_is_deterministic_epochs():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+
+@pytest.mark.parametrize("decay", ["step", "cosine", "constant"])
+def test_the_schedule_is_the_one_it_always_was(decay, tmp_path):
+    """hmt train's learning-rate factors, shared with the recall probe since, are to the bit those of
+    the schedule train.py had of its own (warm-up, then the paper's steps, a cosine to 0, or constant)."""
+    from hmt.train import lr_lambda
+
+    config = tiny_config(tmp_path, steps=57, warmup_steps=5, decay=decay, decay_every=7, decay_gamma=0.9)
+
+    def old(step):
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if decay == "step":
+            return config.decay_gamma ** ((step - config.warmup_steps) // config.decay_every)
+        if decay == "cosine":
+            progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    factor = lr_lambda(config)
+    assert [factor(s) for s in range(config.steps + 5)] == [old(s) for s in range(config.steps + 5)]
+
 def _pythonpath() -> str:
     """The workers import the tests package and the very hmt these tests import (not another install)."""
     import hmt

@@ -41,6 +41,15 @@ class CharTokenizer:
         return Encoded()
 
 
+class DecodingCharTokenizer(CharTokenizer):
+    """A character tokenizer that decodes too (eos = 0), for passkey.run."""
+
+    eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids)
+
+
 def test_passkey_prompt_places_the_key_at_the_distance(tmp_path):
     tok = CharTokenizer()
     for distance in (200, 1000):
@@ -57,16 +66,10 @@ def test_passkey_run_generates_room_for_the_whole_key(monkeypatch):
     """With one token per character, a 5-digit key needs 6 new tokens: fewer can never match."""
     from .conftest import make_backbone
 
-    class Tok(CharTokenizer):
-        eos_token_id = 0
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(int(i)) for i in ids)
-
     model = HMT(make_backbone("llama"), HMTConfig(segment_length=32, sensory_memory_size=4, num_memory_embeddings=4)).eval()
     seen = []
     monkeypatch.setattr(passkey, "_answer", lambda tok, generated: seen.append(len(generated)) or "")
-    results = passkey.run(model, Tok(), [100], trials=1, full_attention_limit=1000, progress=False)
+    results = passkey.run(model, DecodingCharTokenizer(), [100], trials=1, full_attention_limit=1000, progress=False)
     assert seen == [8, 8, 8]  # HMT, the window, full attention: len(" 12345") + 2
     assert results == {"hmt": {100: 0.0}, "window": {100: 0.0}, "full": {100: 0.0}}
 
@@ -74,12 +77,6 @@ def test_passkey_run_generates_room_for_the_whole_key(monkeypatch):
 def test_passkey_run_reports_the_recurrence_only_model_on_the_same_weights(monkeypatch):
     """recurrence=True adds a column read by the same weights with retrieval off."""
     from .conftest import make_backbone
-
-    class Tok(CharTokenizer):
-        eos_token_id = 0
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(int(i)) for i in ids)
 
     model = HMT(make_backbone("llama"), HMTConfig(segment_length=32, sensory_memory_size=4, num_memory_embeddings=4)).eval()
     readers = []
@@ -90,7 +87,7 @@ def test_passkey_run_reports_the_recurrence_only_model_on_the_same_weights(monke
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(HMT, "generate", spy)
-    results = passkey.run(model, Tok(), [100, 150], trials=1, progress=False, recurrence=True)
+    results = passkey.run(model, DecodingCharTokenizer(), [100, 150], trials=1, progress=False, recurrence=True)
     assert set(results) == {"hmt", "window", "recurrence"} and set(results["recurrence"]) == {100, 150}
     assert [r.config.use_retrieval for r in readers] == [True, False, True, False]
     recurrent, weights = readers[1].state_dict(), model.state_dict()

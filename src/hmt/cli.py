@@ -9,11 +9,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from .arguments import Parser, non_negative_int, positive_int
+import torch
 
-DEFAULT_PROTOCOLS_TEXT = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
-DEFAULT_ADAPTER = "smollm2-135m"
-NAMED_CORPORA = ("kjv", "python-docs", "python-stdlib")
+from . import backbone as bb
+from . import data as hdata
+from . import evaluate as ev
+from .arguments import Parser, non_negative_int, positive_int
+from .config import HMTConfig
+from .constants import DEFAULT_ADAPTER
+from .memory import MemoryState
+from .model import HMT
+from .train import fields_help, run_recipe
+from .utils import chmod_as_created, quiet_libraries, spread
 
 
 class UsageError(Exception):
@@ -35,8 +42,6 @@ def _check_device(spec) -> None:
     """Refuse a device this machine does not have, before anything is loaded."""
     if spec is None:
         return
-    import torch
-
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError) as err:
@@ -89,8 +94,6 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import fields_help, run_recipe
-
     if args.help_fields:
         print(fields_help())
         return 0
@@ -109,22 +112,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace):
     """Backbone + HMT (from a checkpoint when given) + tokenizer, and the memory file's state."""
-    import torch
-
-    from .backbone import _DEFAULT_ALIASES, load_backbone
-    from .config import HMTConfig
-    from .memory import MemoryState
-    from .model import HMT
-
     checkpoint = args.checkpoint
-    default_backbone = (args.backbone.lower() if isinstance(args.backbone, str) else args.backbone) in _DEFAULT_ALIASES
-    if checkpoint is None and default_backbone and args.segment_length is None:
+    if checkpoint is None and bb.is_default(args.backbone) and args.segment_length is None:
         checkpoint = DEFAULT_ADAPTER
         print(f"[hmt] using the shipped adapter {DEFAULT_ADAPTER} on the default backbone "
               "(--checkpoint none for an untrained HMT)", file=sys.stderr)
     if isinstance(checkpoint, str) and checkpoint.lower() == "none":
         checkpoint = None
-    backbone, tokenizer = load_backbone(args.backbone, device=_device(args))
+    backbone, tokenizer = bb.load_backbone(args.backbone, device=_device(args))
     if checkpoint:
         model = HMT.from_pretrained(backbone, checkpoint)
     else:
@@ -172,9 +167,7 @@ def _save_memory(model, args) -> int:
         except OSError as err:
             print(f"[hmt] could not save the memory to {path}: {err.strerror or err}", file=sys.stderr)
             continue
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a memory file is an ordinary file
+        chmod_as_created(path)  # safetensors writes 0600; a memory file is an ordinary file
         if path == target:
             print(f"[hmt] memory saved to {path}", file=sys.stderr)
             return 0
@@ -186,7 +179,6 @@ def _save_memory(model, args) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
     from transformers import TextStreamer
 
     _check_model_arguments(args)
@@ -241,12 +233,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import data as hdata
-    from . import evaluate as ev
-    from .backbone import load_backbone
-    from .config import HMTConfig
-    from .model import HMT
-
     # everything that can be wrong with the arguments, before a model is loaded or a token scored
     _check_device(args.device)
     protocols = ev.parse_protocols(args.protocols, flag="--protocols")
@@ -254,11 +240,11 @@ def _eval(args: argparse.Namespace) -> int:
     _check_output_dir(out, args.overwrite)
     split = args.split
     if split is None:  # paths: exactly what was given; the named corpora: their held-out test split
-        named = [d for d in args.data if d in NAMED_CORPORA or d.startswith("hf:")]
+        named = [d for d in args.data if hdata.named_source(d)]
         split = "test" if named and len(named) == len(args.data) else "all"
 
     def fresh_backbone():
-        return load_backbone(args.backbone, device=_device(args))
+        return bb.load_backbone(args.backbone, device=_device(args))
 
     backbone, tokenizer = fresh_backbone()
     source = args.data[0] if len(args.data) == 1 else list(args.data)
@@ -280,10 +266,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"{len(candidates)} in the {split} split, the longest {longest} tokens): lower --min-tokens"
             + (", or pass --split all to score every document." if split != "all" else ".")
         )
-    count = min(args.documents, len(long_enough))
-    chosen = [long_enough[i * len(long_enough) // count] for i in range(count)]
-    import torch
-
+    chosen = spread(long_enough, args.documents)
     documents = [(name, torch.as_tensor(ids[: args.max_tokens])) for name, ids in chosen]
 
     if args.hmt:
@@ -325,8 +308,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _device(args: argparse.Namespace) -> str:
     """``--device``, else the first GPU when there is one, else the CPU."""
-    import torch
-
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -380,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--documents", type=positive_int, default=4, help="How many documents (spread over the split).")
     evaluate.add_argument("--min-tokens", type=non_negative_int, default=8192)
     evaluate.add_argument("--max-tokens", type=positive_int, default=8192, help="Score the first this many tokens of each.")
-    evaluate.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS_TEXT),
+    evaluate.add_argument("--protocols", default=",".join(ev.DEFAULT_PROTOCOLS),
                           help="Comma-separated: disjoint, sensory, sliding-W, sliding-max, recurrence, hmt, and "
                                "hmt-causal (HMT scored strictly causally; ~j extra passes per segment).")
     evaluate.add_argument("--backbone", default=None)
@@ -417,8 +398,6 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a bad argument (already printed as one line)
         return exit_.code if isinstance(exit_.code, int) else 2
-    from .utils import quiet_libraries
-
     quiet_libraries()
     verb = f"hmt {args.command}"
     try:

@@ -1,7 +1,9 @@
 """Configuration of the Hierarchical Memory Transformer.
 
 One dataclass, each field documented, validated on creation and serialised to JSON
-beside trained weights. Symbols follow ``HMT_SPEC.md``: L, j, k, N, d, d_h.
+beside trained weights. Symbols follow the paper (and ``docs/algorithm.md``): L tokens per
+segment, j of them summarised for the search, k sensory tokens, N cached memories, d the
+embedding width, d_h the width of the search projections.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ class HMTConfig:
 
     @property
     def cost_ratio(self) -> float:
-        """The spec's unavoidable token-forward ratio against the plain backbone on L tokens."""
+        """Token-forwards per segment against the plain backbone on L tokens: the augmented pass
+        (plus the encoding pass when retrieval is on), a cost no implementation of HMT avoids."""
         encoding = self.encoding_length if self.use_retrieval else 0
         return (self.augmented_length + encoding) / self.segment_length
 

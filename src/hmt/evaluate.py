@@ -25,17 +25,21 @@ sample; its gap to ``hmt`` measures the leak.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import backbone as bb
-from .model import HMT
+from .baselines import score_with_context
+from .layout import run_packed
+from .model import HMT, HMTOutput
+from .visualize import save_figure
 
 DEFAULT_PROTOCOLS = ("disjoint", "sensory", "sliding-2048", "recurrence", "hmt")
 PROTOCOLS = ("disjoint", "sensory", "sliding-W", "sliding-max", "recurrence", "hmt", "hmt-causal")
@@ -95,40 +99,20 @@ class ProtocolResult:
 
 
 @torch.no_grad()
-def score_with_context(
-    backbone, ids: torch.Tensor, segment_length: int, context: int, stride: Optional[int] = None
-) -> tuple[list[float], list[int]]:
-    """The backbone on chunks of ``stride`` tokens (default L), each read with up to ``context`` tokens before it.
-
-    ``context=0`` gives disjoint segments, ``k`` the sensory-prefix protocol, ``W - stride``
-    a sliding window of W. Returns NLL sums and token counts per L-token segment.
-    """
-    device = bb.unwrap(backbone).get_input_embeddings().weight.device
-    ids = ids.to(device).view(-1)
-    T, L = ids.shape[0], segment_length
-    step = stride or L
-    token_nll = torch.zeros(max(T - 1, 0), dtype=torch.float64)
-    for start in range(0, T, step):
-        end = min(start + step, T)
-        first = max(0, start - context)
-        window = ids[first:end].view(1, -1)
-        embeds = bb.unwrap(backbone).get_input_embeddings()(window)
-        positions = torch.arange(window.shape[1], device=device).view(1, -1)
-        targets = ids[start + 1 : end + 1]  # the document's last token has no target
-        hidden = bb.final_hidden(backbone, embeds, None, positions)[0, start - first :][: targets.shape[0]]
-        logits = bb.lm_logits(backbone, hidden).float()
-        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        token_nll[start : start + targets.shape[0]] = nll.double().cpu()
-    blocks = range(0, T, L)
-    return ([float(token_nll[b : b + L].sum()) for b in blocks], [int(token_nll[b : b + L].numel()) for b in blocks])
+def score_document(model: HMT, ids, labels=None, use_memory: Union[bool, str] = True) -> HMTOutput:
+    """One document (1-D token ids) read by ``model`` from an empty memory, every label scored once
+    (``labels``: default the ids themselves, i.e. every token but the first); ``use_memory`` as in
+    ``HMT.forward`` (False, ``"sensory"``: the baselines). The perplexity loop of evaluation and of
+    validation during training (:func:`hmt.training.evaluate_documents`)."""
+    device = model.embedding_layer.weight.device
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device).view(1, -1)
+    labels = ids if labels is None else labels.to(device).view(1, -1)
+    return model(ids, labels=labels, use_memory=use_memory, memory_state=model.new_memory(1), return_logits=False)
 
 
-@torch.no_grad()
 def score_hmt(model: HMT, ids: torch.Tensor) -> tuple[list[float], list[int]]:
     """HMT (or its recurrence-only variant) over one document from an empty memory."""
-    device = model.embedding_layer.weight.device
-    ids = ids.to(device).view(1, -1)
-    out = model(ids, labels=ids, memory_state=model.new_memory(1), return_logits=False)
+    out = score_document(model, ids)
     return out.segment_nll[0].tolist(), out.segment_tokens[0].tolist()
 
 
@@ -142,8 +126,6 @@ def score_hmt_causal(
     memory (``memory_state``, default empty), at the cost of one batched pass per
     ``rows_per_pass`` leading positions of each segment instead of T full forwards.
     """
-    from .layout import run_packed
-
     device = model.embedding_layer.weight.device
     ids = ids.to(device).view(-1)
     T, L, j = ids.shape[0], model.config.segment_length, model.config.representation_length
@@ -217,7 +199,7 @@ def evaluate(
     if "recurrence" in protocols and recurrence_model is None:
         if hmt_model is None:
             raise ValueError("The 'recurrence' protocol needs hmt_model or recurrence_model.")
-        recurrence_model = _without_retrieval(hmt_model)
+        recurrence_model = without_retrieval(hmt_model)
     weights = weights or {}
     results = {}
     for protocol in protocols:
@@ -258,9 +240,9 @@ def _window(protocol: str, backbone) -> int:
         raise ValueError(f"Protocol {protocol!r}: use sliding-<tokens> or sliding-max.") from err
 
 
-def _without_retrieval(model: HMT) -> HMT:
-    import dataclasses
-
+def without_retrieval(model: HMT) -> HMT:
+    """The recurrence-only model of ``model`` (the paper's stage-1 model, RMT-like): the same
+    weights with retrieval off, in eval mode."""
     return model.with_backbone(config=dataclasses.replace(model.config, use_retrieval=False)).eval()
 
 
@@ -282,20 +264,10 @@ def save_results(results: dict[str, ProtocolResult], path: str | os.PathLike, ex
 
 
 def plot_segment_ppl(results: dict[str, ProtocolResult], path: str | os.PathLike, segment_length: int) -> None:
-    import matplotlib
+    def draw(fig, ax):
+        for r in results.values():
+            ppl = r.segment_ppl()
+            ax.plot(range(1, len(ppl) + 1), ppl, marker="o", markersize=3, label=f"{r.protocol} ({r.ppl:.2f})")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for r in results.values():
-        ppl = r.segment_ppl()
-        ax.plot(range(1, len(ppl) + 1), ppl, marker="o", markersize=3, label=f"{r.protocol} ({r.ppl:.2f})")
-    ax.set_xlabel(f"segment index (blocks of {segment_length} tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity by position in the document")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(path, draw, (9, 5), xlabel=f"segment index (blocks of {segment_length} tokens)", ylabel="perplexity",
+                title="Perplexity by position in the document", grid=True, legend=True)

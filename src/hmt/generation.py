@@ -53,9 +53,11 @@ that started it together (of one length), and a lane of one row costs one call p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -64,10 +66,49 @@ from . import kv_cache as kv
 from .layout import run_packed
 from .memory import MemoryState
 
-if TYPE_CHECKING:
-    from .model import HMT
-
 _PREFILL_SEGMENTS = 8  # segments per call while reading a prompt
+_watchers: list[Callable[[str, str], None]] = []  # see watch_decoding
+
+
+@contextlib.contextmanager
+def watch_decoding(callback: Callable[[str, str], None]):
+    """A timing hook: inside the block, every decoder that :meth:`hmt.HMT.generate` builds calls
+    ``callback(part, event)``, ``event`` being ``"start"`` or ``"end"``, around each part of its work:
+
+    * ``"setup"``: the decoder's set-up (the open segments' prefill, before the first token);
+    * ``"step"``: one decode step (every active row takes a token and gets the next logits),
+      and within a step ``"cached_step"`` (the batched KV-cached step), ``"close"`` (writing m_n),
+      ``"encode"`` (the incremental encoding step), ``"recompute"`` (prefixes run again without a
+      cache), ``"reopen"`` (prefixes run once more with a cache, joining the decode lane) and
+      ``"search_once"`` (fast mode: encoding and search once per segment).
+
+    Parts nest as calls do ("end" comes on an exception too). Outside a block the decoder does
+    nothing more. The benchmarks time decoding with it."""
+    _watchers.append(callback)
+    try:
+        yield
+    finally:
+        _watchers.remove(callback)
+
+
+def _watched(part: str):
+    """Report ``part`` to the :func:`watch_decoding` callbacks around the decorated method."""
+    def decorate(method):
+        @functools.wraps(method)
+        def watched(self, *args, **kwargs):
+            if not _watchers:
+                return method(self, *args, **kwargs)
+            for callback in list(_watchers):
+                callback(part, "start")
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                for callback in list(_watchers):
+                    callback(part, "end")
+
+        return watched
+
+    return decorate
 
 
 @dataclass
@@ -203,7 +244,8 @@ class _DecodeBatch:
     """The streams of one ``generate`` call decoding together: every row's state and the lanes
     they share; :meth:`advance` takes one token per active row."""
 
-    def __init__(self, model: "HMT", states: list[MemoryState], open_ids: list[list[int]], exact: bool = True):
+    @_watched("setup")
+    def __init__(self, model, states: list[MemoryState], open_ids: list[list[int]], exact: bool = True):
         self.model, self.exact = model, exact
         self.rows = [_Row(state, list(ids)) for state, ids in zip(states, open_ids)]
         if any(not row.open_ids for row in self.rows):
@@ -234,6 +276,7 @@ class _DecodeBatch:
         return self.exact and self.model.config.use_retrieval and has_memory
 
     # ---------------------------------------------------------------- the steps
+    @_watched("step")
     def advance(self, tokens: dict[int, int], stopping: set[int] = frozenset()) -> None:
         """Each row of ``tokens`` takes its token and gets the next logits (``stopping`` rows:
         the memory takes the token, no logits are computed and the row leaves its lanes)."""
@@ -260,6 +303,7 @@ class _DecodeBatch:
                 self.rows[r].logits = row_logits
         self._refresh([r for r in tokens if r not in stopping and r not in self.decode_lanes])
 
+    @_watched("cached_step")
     def _cached_step(self, tokens: dict[int, int], closing: set[int]) -> dict[int, torch.Tensor]:
         """One batched KV-cached step over the decode lane: each row's token, or its P_n
         (the trailing memory token) where the row closes its segment; last hidden states."""
@@ -268,6 +312,7 @@ class _DecodeBatch:
         inputs = {r: (self.rows[r].memory_token if r in closing else embeds[i : i + 1]) for i, r in enumerate(lane_rows)}
         return {r: h[-1] for r, h in self.decode_lanes.step(inputs).items()}
 
+    @_watched("close")
     def _close(self, r: int, hidden: Optional[torch.Tensor]) -> None:
         """Close row ``r``'s full open segment as reading would: write m_n, carry sensory, new
         segment (the row has left its lanes)."""
@@ -305,6 +350,7 @@ class _DecodeBatch:
         if len(final) < len(rows):
             self._recompute([r for r in rows if not self.rows[r].final])
 
+    @_watched("encode")
     def _encode(self, rows: list[int]) -> torch.Tensor:
         """S_n ``(n, d)`` of each row (exact mode), incrementally: the encoding lane holds
         [T | E_0 .. E_{t-2}] of each row; one call feeds [E_{t-1}, T] to all of them, then T is
@@ -329,6 +375,7 @@ class _DecodeBatch:
         self.encoding_lanes.crop(1)
         return torch.stack([hidden[r][-1] for r in rows])
 
+    @_watched("search_once")
     def _search_once(self, rows: list[int]) -> None:
         """P_n searched once for the whole segment (fast mode, no retrieval or nothing cached)."""
         model, j = self.model, self.model.config.representation_length
@@ -357,6 +404,7 @@ class _DecodeBatch:
         return model.augmented_inputs(memory_token, sensory_ids, sensory_lens, model.embedding_layer(ids), lengths,
                                       write_slot=False)
 
+    @_watched("reopen")
     def _reopen(self, rows: list[int]) -> None:
         """P_n is final: run the rows' prefixes once with a KV cache (one call per prefix length,
         so no row is padded) and let them join the decode lane."""
@@ -369,6 +417,7 @@ class _DecodeBatch:
                 self.rows[r].logits = row_logits
             self.decode_lanes.add(group, cache, width[group[0]])
 
+    @_watched("recompute")
     def _recompute(self, rows: list[int]) -> None:
         """P_n still changes: the rows' prefixes from scratch, no cache, one packed call."""
         packed = self._prefix(rows)
@@ -409,20 +458,13 @@ def _logits_processors(config):
 
 
 @torch.no_grad()
-def generate(
-    model: "HMT",
-    input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
-    generation_config=None,
-    memory_state: Optional[MemoryState] = None,
-    streamer=None,
-    generator: Optional[torch.Generator] = None,
-    exact_retrieval: bool = True,
-    **kwargs,
-) -> GenerateOutput:
+def generate(model, input_ids, attention_mask, generation_config, memory_state, streamer, generator,
+             exact_retrieval: bool, overrides: dict) -> GenerateOutput:
+    """:meth:`hmt.HMT.generate` (see it for the arguments; ``overrides``: its keyword arguments)."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig.from_dict({**(generation_config.to_dict() if generation_config is not None else {}), **kwargs})
+    config = GenerationConfig.from_dict({**(generation_config.to_dict() if generation_config is not None else {}),
+                                         **overrides})
     if config.max_new_tokens is None:
         raise ValueError("generate() needs max_new_tokens (or a GenerationConfig with max_new_tokens).")
     if config.num_beams not in (None, 1):

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EXTRACTION_STRATEGIES, HMTConfig
+from .fingerprint import memory_origin
+from .layout import pack_rows, run_packed
 
 
-# What a memory file records about the model that wrote it (hmt.checkpoint.memory_origin).
+# What a memory file records about the model that wrote it (hmt.fingerprint.memory_origin).
 _ORIGIN_KEYS = ("backbone", "backbone_sha256", "adapter", "adapter_sha256")
 
 
@@ -277,7 +279,7 @@ class MemoryState:
         """Write the state to a safetensors file (atomically).
 
         The file records which model wrote it (its backbone's and its own weights'
-        fingerprints, see :func:`hmt.checkpoint.memory_origin`), so that loading it into another
+        fingerprints, see :func:`hmt.fingerprint.memory_origin`), so that loading it into another
         model is refused: ``model``, or by default the HMT whose ``memory_state`` this is. A
         state that came out of a functional call (``out.memory_state``) saved without ``model``
         records none, and loads into any model of the same configuration.
@@ -295,8 +297,6 @@ class MemoryState:
         writer = model if model is not None else (self._writer() if getattr(self, "_writer", None) else None)
         metadata = {"format": "hmt-memory-state", "version": "1"}
         if writer is not None:
-            from .checkpoint import memory_origin
-
             metadata.update(memory_origin(writer))
         tmp = f"{path}.tmp"
         try:
@@ -350,8 +350,6 @@ class MemoryState:
             raise ValueError(f"{where}the memory holds NaN or infinite memories: it is corrupt; start a new one.")
         saved = getattr(self, "_origin", None)
         if saved:
-            from .checkpoint import memory_origin
-
             now = memory_origin(model)
             for part in ("backbone", "adapter"):
                 if saved.get(f"{part}_sha256", now[f"{part}_sha256"]) != now[f"{part}_sha256"]:
@@ -445,8 +443,6 @@ class RepresentationEncoder(nn.Module):
 
     def forward(self, backbone: nn.Module, token_embeds: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """``token_embeds (B, l, d)`` of a segment, ``lengths`` real tokens per row -> ``S_n (B, d)``."""
-        from .layout import pack_rows, run_packed
-
         j = self.representation_length
         B = token_embeds.shape[0]
         prompt = self.summary_prompt.view(1, 1, -1).expand(B, 1, -1)

@@ -11,7 +11,6 @@ One segment n, as in ``docs/algorithm.md`` (L new tokens H_n with embeddings E_n
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import weakref
 from dataclasses import dataclass
@@ -24,28 +23,18 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from . import backbone as bb
+from . import baselines, checkpoint
+from .baselines import memory_mode
 from .config import HMTConfig
+from .constants import BACKBONE_PREFIX, IGNORE_INDEX, is_own  # noqa: F401  (hmt.model.IGNORE_INDEX, as before)
+from .generation import generate
+from .fingerprint import backbone_record
+from .inputs import Batch, check_inputs, check_options, open_pending
 from .layout import gather_rows, pack_rows, run_packed
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
+from .scoring import CallScores, SegmentScore, autograd, run_segment, score_segment
 
-IGNORE_INDEX = -100
-BACKBONE_PREFIX = "backbone."  # state_dict names of the backbone's tensors inside HMT
-# Scoring without returning logits runs the LM head on slices of at most this many
-# (row, position, vocab) elements: 64 positions of a 49k vocabulary for one row on the CPU.
-_SCORE_ELEMENTS = 64 * 49152
-_SCORE_ELEMENTS_CUDA = 2**27
 _ENCODE_POSITIONS_CUDA = 65536  # positions per batched encoding pass on a GPU without autograd
-
-
-def memory_mode(use_memory) -> tuple[bool, bool]:
-    """``(memory on, sensory prefix only)`` for ``HMT.forward(use_memory=...)``: a truth value
-    (memory on / the plain backbone on disjoint segments) or ``"sensory"`` (the plain backbone
-    on sensory-prefixed segments). Any other string is an error, not a truthy "on"."""
-    if isinstance(use_memory, str):
-        if use_memory != "sensory":
-            raise ValueError(f"use_memory must be True, False or 'sensory', got {use_memory!r}.")
-        return False, True
-    return bool(use_memory), False
 
 
 @dataclass
@@ -89,19 +78,6 @@ class MemoryStep:
     retrieved_segments: torch.Tensor  # (B, C) the segment that wrote each cache entry (-1: empty)
 
 
-@dataclass
-class _Step:
-    """What one segment produces."""
-
-    state: Optional[MemoryState] = None
-    memory: Optional[torch.Tensor] = None
-    weights: Optional[torch.Tensor] = None
-    retrieved_segments: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    nll: Optional[torch.Tensor] = None
-    count: Optional[torch.Tensor] = None
-
-
 class HMT(nn.Module):
     """Hierarchical Memory Transformer around a Hugging Face causal LM.
 
@@ -142,7 +118,7 @@ class HMT(nn.Module):
         self.memory_generator = MemoryEmbeddingGenerator(config)
         self._init_memory_parameters()
         self._state: Optional[MemoryState] = None
-        self.backbone_at_init = _backbone_record(backbone)  # what save_pretrained compares against
+        self.backbone_at_init = backbone_record(backbone)  # what save_pretrained compares against
 
     @torch.no_grad()
     def _init_memory_parameters(self) -> None:
@@ -223,7 +199,7 @@ class HMT(nn.Module):
     def is_own(name: str) -> bool:
         """Whether the parameter or buffer ``name`` (of ``named_parameters``/``state_dict``) is
         HMT's own (T, initial memory, W_q, W_k, compression), not the backbone's."""
-        return not name.startswith(BACKBONE_PREFIX)
+        return is_own(name)
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         """HMT's own tensors, by ``state_dict`` name (what a memory-only checkpoint holds)."""
@@ -249,8 +225,6 @@ class HMT(nn.Module):
         it, or that came from a full checkpoint, ``"full"``; ``requires_grad`` alone says nothing). ``dtype``
         stores the weights in another precision (e.g. ``torch.bfloat16``); loading casts back.
         """
-        from . import checkpoint
-
         return checkpoint.save(self, directory, trained_backbone, dtype)
 
     @classmethod
@@ -259,8 +233,6 @@ class HMT(nn.Module):
 
         Checks the backbone is the one it was trained on; applies saved LoRA weights.
         """
-        from . import checkpoint
-
         return checkpoint.load(cls, backbone, directory, **config_overrides)
 
     # ------------------------------------------------------------------ generation
@@ -296,10 +268,8 @@ class HMT(nn.Module):
             :class:`hmt.generation.GenerateOutput` with ``sequences (B, T + new)`` and the
             ``memory_state`` after the last token (its last segment left open).
         """
-        from .generation import generate
-
         return generate(self, input_ids, attention_mask, generation_config, memory_state, streamer, generator,
-                        exact_retrieval, **kwargs)
+                        exact_retrieval, kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -346,105 +316,62 @@ class HMT(nn.Module):
             :class:`HMTOutput`.
         """
         use_memory, sensory_only = memory_mode(use_memory)
-        ids, mask, labels, starts, lengths = self.check_inputs(input_ids, attention_mask, labels)
-        if detach_every is not None and (not isinstance(detach_every, int) or detach_every < 1):
-            raise ValueError(f"detach_every must be a positive integer or None, got {detach_every!r}.")
-        B = ids.shape[0]
-        selected = _grad_selection(grad_segments)
-        explicit = memory_state is not None
-        state = memory_state if explicit else self._state
-        if not use_memory:
-            pass  # the plain backbone: the memory is neither read nor written
-        elif state is None:
-            state = self.new_memory(B)
-        elif state.batch_size != B:
-            raise ValueError(
-                f"The memory holds {state.batch_size} streams but input_ids has batch size {B}. "
-                "Call clear_memory() to start new streams, or pass memory_state= for this batch."
-            )
-        else:
-            state.validate(self.config)
-
-        new_mask, prefix = mask, None
-        if use_memory and bool(state.pending_lengths.any()):
-            # An open segment (left by generate) continues: its tokens are read first.
-            ids, mask, labels, prefix = self._prepend_pending(state, ids, labels, lengths)
-            lengths = [p + n for p, n in zip(prefix, lengths)]
-            state = dataclasses.replace(state, pending_lengths=torch.zeros_like(state.pending_lengths))
-
-        L, k = self.config.segment_length, self.config.sensory_memory_size
-        targets = None
-        if labels is not None:  # position t is scored against token t + 1
-            targets = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE_INDEX)], dim=1)
-        num_segments = -(-max(lengths) // L)
+        batch = Batch.checked(input_ids, attention_mask, labels, bb.vocab_size(self.backbone),
+                              self.embedding_layer.weight.device)
+        selected = check_options(detach_every, grad_segments)
         checkpointing = checkpoint_segments and torch.is_grad_enabled()
+        L, k = self.config.segment_length, self.config.sensory_memory_size
+        if not use_memory:  # a baseline: the plain backbone on the same segments; the memory untouched
+            fields = baselines.read_segments(self.backbone, batch, L, k if sensory_only else 0, return_logits,
+                                             selected, checkpointing)
+            return HMTOutput(memory_state=memory_state, **fields)
+
+        state = self._starting_state(memory_state, batch.size)
+        batch, state = open_pending(batch, state)
+        scores = CallScores(batch.labels, L, batch.num_segments(L), return_logits)
         # Everything the loop needs to know about lengths is known on the host here, once: the
         # loop itself never waits on the device (no .item(), no tensors built from lists).
-        lengths_on_device = mask.sum(1)
-        sensory_lens = state.sensory_lengths.tolist() if use_memory else None
-        encodings = _SegmentEncodings(self, ids, lengths, state, checkpointing, selected) if use_memory else None
-        # Scored positions per segment, read on the host once: without logits to return, the LM
-        # head runs on those positions only (none at all for a segment without labels).
-        scored = _scored_per_segment(targets, L, num_segments) if targets is not None and not return_logits else None
-        logits, weights, retrieved, memories, seg_nll, seg_count = [], [], [], [], [], []
-        for s in range(num_segments):
-            seg_ids = ids[:, s * L : (s + 1) * L]
-            seg_lens = [min(max(n - s * L, 0), L) for n in lengths]
-            seg_targets = targets[:, s * L : s * L + seg_ids.shape[1]] if targets is not None else None
-            # What the segment reads besides its tokens: the memory, the sensory prefix ids, or nothing.
-            if use_memory:
-                carried = _Carried(state, encodings.summary(s), sensory_lens,
-                                   (lengths_on_device - s * L).clamp(0, L))
-            elif sensory_only:
-                carried = ids[:, max(0, s * L - k) : s * L]
-            else:
-                carried = None
+        lengths_on_device = batch.mask.sum(1)
+        sensory_lengths = state.sensory_lengths.tolist()
+        encodings = _SegmentEncodings(self, batch.ids, batch.lengths, state, checkpointing, selected)
+        weights, retrieved, memories = [], [], []
+        for s in range(batch.num_segments(L)):
+            seg_ids, seg_lens = batch.segment(s, L)
+            targets, num_scored = scores.segment(s, seg_ids.shape[1])
             tracked = selected is None or s in selected
-            args = (carried, seg_ids, seg_lens, seg_targets, use_memory, return_logits,
-                    None if scored is None else scored[s], tracked)
-            if checkpointing and tracked:
-                # Recompute the segment in backward: activations of only one segment live at a time.
-                step = torch.utils.checkpoint.checkpoint(self._segment, *args, use_reentrant=False)
-            else:
-                step = self._segment(*args)
-            if use_memory:
-                sensory_lens = [min(n, k) if n > 0 else old for n, old in zip(seg_lens, sensory_lens)]
-                state = step.state
-                memories.append(step.memory)
-                weights.append(step.weights)
-                retrieved.append(step.retrieved_segments)
-                if detach_every is not None and (s + 1) % detach_every == 0:
-                    state = state.detach()
-            if seg_targets is not None:
-                seg_nll.append(step.nll)
-                seg_count.append(step.count)
-            if return_logits:
-                logits.append(step.logits)
+            # Recomputed in backward under checkpointing: activations of only one segment live at a time.
+            step, score = run_segment(self._scored_step, state, seg_ids, seg_lens, encodings.summary(s),
+                                      sensory_lengths, (lengths_on_device - s * L).clamp(0, L), targets, num_scored,
+                                      return_logits, tracked, recompute=checkpointing and tracked)
+            scores.add(score)
+            sensory_lengths = [min(n, k) if n > 0 else old for n, old in zip(seg_lens, sensory_lengths)]
+            state = step.state
+            memories.append(step.memory)
+            weights.append(step.weights)
+            retrieved.append(step.retrieved_segments)
+            if detach_every is not None and (s + 1) % detach_every == 0:
+                state = state.detach()
 
-        if use_memory:
-            state = state.trimmed()
-            if not explicit:
-                self._state = state
+        state = state.trimmed()
+        if memory_state is None:
+            self._state = state
         # Every field goes in at construction: transformers 4.x ModelOutput only indexes
         # (out["logits"]) the fields it was built with.
-        fields = {"memory_state": state if use_memory else memory_state}
-        if use_memory:
-            fields.update(retrieval_weights=weights, retrieved_segments=retrieved,
-                          memory_embeddings=torch.stack(memories, dim=1))
-        if return_logits:
-            logits = torch.cat(logits, dim=1)
-            if prefix is not None:  # drop the open segment's positions
-                logits = gather_rows(logits, prefix, new_mask.shape[1])
-            fields["logits"] = self._restore_positions(logits, new_mask, starts)
-        if targets is not None:
-            segment_nll, segment_tokens = torch.stack(seg_nll, 1), torch.stack(seg_count, 1)
-            nll_sum, num_tokens = segment_nll.sum(1), segment_tokens.sum(1)
-            total = num_tokens.sum()
-            loss = nll_sum.sum() / total.clamp(min=1) if int(total) > 0 else nll_sum.sum() * float("nan")
-            fields.update(loss=loss, segment_nll=segment_nll, segment_tokens=segment_tokens, nll_sum=nll_sum,
-                          num_tokens=num_tokens)
-        out = HMTOutput(**fields)
-        return out
+        return HMTOutput(memory_state=state, retrieval_weights=weights, retrieved_segments=retrieved,
+                         memory_embeddings=torch.stack(memories, dim=1), **scores.fields(batch.restore))
+
+    def _starting_state(self, memory_state: Optional[MemoryState], batch_size: int) -> MemoryState:
+        """The memory a call starts from: ``memory_state``, else the stateful one, else a new one."""
+        state = memory_state if memory_state is not None else self._state
+        if state is None:
+            return self.new_memory(batch_size)
+        if state.batch_size != batch_size:
+            raise ValueError(
+                f"The memory holds {state.batch_size} streams but input_ids has batch size {batch_size}. "
+                "Call clear_memory() to start new streams, or pass memory_state= for this batch."
+            )
+        state.validate(self.config)
+        return state
 
     # ------------------------------------------------------------------ one segment
     def read_memory(
@@ -482,73 +409,17 @@ class HMT(nn.Module):
             parts.insert(0, (self.embedding_layer(sink).to(token_embeds.dtype), ones))
         return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
 
-    def _segment(self, carried, seg_ids, seg_lens, seg_targets, use_memory: bool, want_logits: bool,
-                 num_scored: Optional[int] = None, tracked: bool = True) -> "_Step":
-        """One segment: memory read, backbone pass, LM head on segment positions, loss, memory write.
-
-        ``carried`` is the memory state with ``use_memory``; else the ``(B, <=k)`` sensory prefix ids
-        for the sensory-prefix baseline (every row with tokens in this segment has a full previous
-        one), or None for disjoint segments. ``num_scored``: how many of the segment's positions
-        carry a target (known on the host: without logits, the head runs on those only).
-        ``tracked=False`` runs the segment without autograd (evidence-sparse BPTT); its memory
-        still enters the cache through an op with autograd, so earlier memories keep their graph.
-        """
-        step = _Step()
-        if use_memory:
-            read = self.memory_step(carried.state, seg_ids, seg_lens, summary=carried.summary,
-                                    sensory_lengths=carried.sensory_lengths, lengths=carried.lengths, trim=False,
-                                    tracked=tracked)
-            hidden, step.state, step.memory, step.weights, step.retrieved_segments = (
-                read.hidden, read.state, read.memory, read.weights, read.retrieved_segments)
-        else:
-            with _autograd(tracked):
-                hidden = self._plain_segment(seg_ids, seg_lens, carried)
-        with _autograd(tracked):
-            if want_logits:
-                step.logits = bb.lm_logits(self.backbone, hidden)  # (B, l, V): segment positions only
-            if seg_targets is not None:
-                if want_logits:
-                    step.nll = _token_nll(step.logits, seg_targets).sum(1)
-                else:
-                    step.nll = self._scored_nll(hidden, seg_targets, num_scored)
-                step.count = (seg_targets != IGNORE_INDEX).sum(1)
-        return step
-
-    def _scored_nll(self, hidden: torch.Tensor, targets: torch.Tensor, num_scored: Optional[int] = None) -> torch.Tensor:
-        """Summed NLL ``(B,)`` of ``hidden (B, l, d)`` against ``targets (B, l)``, never holding
-        the ``(B, l, vocab)`` float logits at once: the LM head and the loss run on slices of
-        positions, and with autograd on each slice is recomputed in backward instead of keeping
-        its logits (so training memory does not grow with vocab x tokens). Given ``num_scored``
-        (the positions with a target, counted on the host), the head runs on those positions
-        only, gathered without a device read: none at all for a segment without targets."""
-        B, width = targets.shape
-        if num_scored is None or num_scored == B * width:
-            return self._chunked_nll(hidden.flatten(0, 1), targets.flatten()).view(B, width).sum(1)
-        if num_scored == 0:
-            return hidden.new_zeros(B, dtype=torch.float32)
-        # The num_scored flat positions with a target (topk of a known size: no host read).
-        index = torch.topk((targets != IGNORE_INDEX).flatten().to(torch.int8), num_scored, sorted=False).indices
-        nll = self._chunked_nll(hidden.flatten(0, 1).index_select(0, index), targets.flatten().index_select(0, index))
-        return nll.new_zeros(B).index_add(0, torch.div(index, width, rounding_mode="floor"), nll)
-
-    def _chunked_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-position NLL ``(N,)`` of ``hidden (N, d)`` against ``targets (N,)``, the head run on
-        slices within an element budget, each recomputed in backward when autograd is on."""
-        N = targets.shape[0]
-        budget = _SCORE_ELEMENTS_CUDA if hidden.is_cuda else _SCORE_ELEMENTS
-        chunk = max(1, min(N, budget // bb.vocab_size(self.backbone)))
-        recompute = torch.is_grad_enabled() and hidden.requires_grad
-        parts = []
-        for start in range(0, N, chunk):
-            args = (hidden[start : start + chunk], targets[start : start + chunk])
-            if recompute:
-                parts.append(torch.utils.checkpoint.checkpoint(self._slice_nll, *args, use_reentrant=False))
-            else:
-                parts.append(self._slice_nll(*args))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def _slice_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _token_nll(bb.lm_logits(self.backbone, hidden.unsqueeze(0)), targets.unsqueeze(0)).squeeze(0)
+    def _scored_step(self, state, seg_ids, seg_lens, summary, sensory_lengths, lengths, targets, num_scored,
+                     want_logits: bool, tracked: bool) -> tuple["MemoryStep", SegmentScore]:
+        """:meth:`memory_step` (the cache left untrimmed), then the LM head and the loss on the segment's
+        positions (see :func:`hmt.scoring.score_segment`). ``tracked=False`` runs the segment without
+        autograd (evidence-sparse BPTT); its memory still enters the cache through an op with
+        autograd, so earlier memories keep their graph. The step is returned without its hidden states."""
+        step = self.memory_step(state, seg_ids, seg_lens, summary=summary, sensory_lengths=sensory_lengths,
+                                lengths=lengths, trim=False, tracked=tracked)
+        with autograd(tracked):
+            score = score_segment(self.backbone, step.hidden, targets, want_logits, num_scored)
+        return dataclasses.replace(step, hidden=None), score
 
     def memory_step(self, state: MemoryState, seg_ids: torch.Tensor, seg_lens: Optional[list[int]] = None, *,
                     summary: Optional[torch.Tensor] = None, sensory_lengths: Optional[list[int]] = None,
@@ -580,7 +451,7 @@ class HMT(nn.Module):
         retrieved_segments = state.cache_segments
         if sensory_lengths is None:
             sensory_lengths = state.sensory_lengths.tolist()
-        with _autograd(tracked):
+        with autograd(tracked):
             token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
             recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
             # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
@@ -597,165 +468,13 @@ class HMT(nn.Module):
         state = state.with_sensory(seg_ids, lengths, active)
         return MemoryStep(segment_hidden, state, memory, weights, retrieved_segments)
 
-    def _plain_segment(self, seg_ids: torch.Tensor, seg_lens: list[int], prefix_ids=None) -> torch.Tensor:
-        B, width = seg_ids.shape
-        parts = [(self.embedding_layer(seg_ids), seg_lens)]
-        if prefix_ids is not None and prefix_ids.shape[1] > 0:
-            k = prefix_ids.shape[1]
-            parts.insert(0, (self.embedding_layer(prefix_ids), [k if n > 0 else 0 for n in seg_lens]))
-        packed = pack_rows(parts)
-        return gather_rows(run_packed(self.backbone, packed), packed.offsets[-1], width)
-
-    @staticmethod
-    def _prepend_pending(state: MemoryState, ids, labels, lengths):
-        """Left-aligned ``[pending | ids]`` per row (and labels, -100 on pending positions)."""
-        prefix = state.pending_lengths.tolist()
-        B = ids.shape[0]
-        width = max(p + n for p, n in zip(prefix, lengths))
-        joined = ids.new_zeros(B, width)
-        joined_labels = ids.new_full((B, width), IGNORE_INDEX) if labels is not None else None
-        for row, (p, n) in enumerate(zip(prefix, lengths)):
-            joined[row, :p] = state.pending_ids[row, :p]
-            joined[row, p : p + n] = ids[row, :n]
-            if labels is not None:
-                joined_labels[row, p : p + n] = labels[row, :n]
-        mask = (torch.arange(width, device=ids.device).view(1, width) < torch.as_tensor(
-            [p + n for p, n in zip(prefix, lengths)], device=ids.device).view(B, 1)).long()
-        return joined, mask, joined_labels, prefix
-
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, input_ids, attention_mask=None, labels=None):
         """Validate inputs as ``forward`` takes them (clear errors); return left-aligned ids, mask,
-        labels, per-row starts (first real position) and lengths (a list), on the model's device."""
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
-        if input_ids.dtype in (torch.bool,) or input_ids.is_floating_point() or input_ids.is_complex():
-            raise TypeError(
-                f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}. "
-                "Pass the tokenizer's input_ids, not embeddings."
-            )
-        if input_ids.dim() != 2:
-            raise ValueError(
-                f"input_ids must have shape (batch, seq_len), got rank {input_ids.dim()} "
-                f"{tuple(input_ids.shape)}. For one sequence use input_ids.unsqueeze(0)."
-            )
-        B, T = input_ids.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token.")
-        vocab = bb.vocab_size(self.backbone)
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"input_ids holds ids in [{low}, {high}] but the backbone's vocabulary has {vocab} "
-                "entries (0 .. vocab-1). Was the text tokenised with another tokenizer?"
-            )
-        device = self.embedding_layer.weight.device  # inputs may come from the CPU (a tokenizer's tensors)
-        ids = input_ids.long().to(device)
-        if attention_mask is None:
-            mask = torch.ones_like(ids)
-        else:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
-                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-                raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {shape}.")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
-            mask = attention_mask.long().to(device)
-            edges = (mask[:, 1:] != mask[:, :-1]).sum(1) + mask[:, 0].ne(0).long() + mask[:, -1].ne(0).long()
-            if bool((edges > 2).any()):
-                rows = (edges > 2).nonzero().flatten().tolist()
-                raise ValueError(
-                    f"attention_mask has holes in rows {rows}: each row's real tokens must be one "
-                    "contiguous block (padding only on the left or the right)."
-                )
-        lengths_t = mask.sum(1)
-        if bool((lengths_t == 0).any()):
-            rows = (lengths_t == 0).nonzero().flatten().tolist()
-            raise ValueError(f"Rows {rows} of the batch are empty (attention_mask all 0); drop them.")
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T):
-                raise ValueError(f"labels must be a tensor with the shape of input_ids {(B, T)}.")
-            if labels.is_floating_point():
-                raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}.")
-            labels = labels.long().to(device).masked_fill(mask == 0, IGNORE_INDEX)
-            scored = labels[labels != IGNORE_INDEX]
-            if scored.numel():
-                low, high = int(scored.min()), int(scored.max())
-                if low < 0 or high >= vocab:
-                    raise ValueError(
-                        f"labels hold ids in [{low}, {high}] but the backbone's vocabulary has {vocab} entries "
-                        f"(0 .. {vocab - 1}); mark positions not to score with -100."
-                    )
-        starts = mask.argmax(1)  # first real position of each row
-        if bool(starts.any()):  # left padding: move each row's tokens to the front
-            index = (torch.arange(T, device=ids.device).view(1, T) + starts.view(B, 1)) % T
-            ids, mask = ids.gather(1, index), mask.gather(1, index)
-            labels = labels.gather(1, index) if labels is not None else None
-        return ids, mask, labels, starts, lengths_t.tolist()
-
-    @staticmethod
-    def _restore_positions(logits: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """Undo the left-alignment and zero the padding positions."""
-        if bool((mask == 0).any()):
-            logits = logits * mask.unsqueeze(-1).to(logits.dtype)
-        if bool(starts.any()):
-            B, T, V = logits.shape
-            index = (torch.arange(T, device=logits.device).view(1, T) - starts.view(B, 1)) % T
-            logits = logits.gather(1, index.unsqueeze(-1).expand(B, T, V))
-        return logits
-
-
-def _autograd(tracked: bool):
-    """No autograd for an untracked segment (evidence-sparse BPTT); the caller's mode otherwise."""
-    return contextlib.nullcontext() if tracked else torch.no_grad()
-
-
-def _grad_selection(grad_segments) -> Optional[frozenset]:
-    """``forward``'s ``grad_segments`` as a set of segment indices (None: every segment)."""
-    if grad_segments is None:
-        return None
-    if isinstance(grad_segments, torch.Tensor):
-        grad_segments = grad_segments.flatten().tolist()
-    try:
-        selected = frozenset(int(s) for s in grad_segments)
-    except (TypeError, ValueError):
-        raise TypeError(f"grad_segments must be a collection of segment indices or None, got {grad_segments!r}.") from None
-    if any(s < 0 for s in selected):
-        raise ValueError(f"grad_segments holds negative segment indices: {sorted(selected)}.")
-    return selected
-
-
-def _scored_per_segment(targets: torch.Tensor, L: int, num_segments: int) -> list[int]:
-    """How many positions of each segment carry a target, read on the host in one go."""
-    B, T = targets.shape
-    scored = F.pad(targets != IGNORE_INDEX, (0, num_segments * L - T))
-    return scored.view(B, num_segments, L).sum((0, 2)).tolist()
-
-
-def _backbone_record(backbone: nn.Module) -> dict:
-    """The backbone as HMT received it: each parameter's in-place version (an optimizer step or a
-    weight load bumps it) and the fingerprint of its weights; :func:`hmt.checkpoint.save` tells from
-    it whether the backbone was trained since, and a full checkpoint names the weights it started from."""
-    from .checkpoint import embedding_checksum
-
-    weight = bb.unwrap(backbone).get_input_embeddings().weight
-    return {"versions": {n: p._version for n, p in backbone.named_parameters()},
-            "embedding_checksum": None if weight.device.type == "meta" else embedding_checksum(backbone)}
-
-
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``(B, l)`` next-token NLL of ``logits (B, l, V)`` (in float32) against ``targets (B, l)``; 0 where ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view_as(targets)
-
-
-@dataclass
-class _Carried:
-    """What a memory segment reads besides its tokens: the state, and what the loop already knows of it."""
-
-    state: MemoryState
-    summary: Optional[torch.Tensor]  # S_n (B, d) from a batched encoding pass, or None
-    sensory_lengths: list[int]  # state.sensory_lengths, on the host
-    lengths: torch.Tensor  # (B,) real tokens of each row in this segment, on the device
+        labels, per-row starts (first real position) and lengths (a list), on the model's device
+        (see :func:`hmt.inputs.check_inputs`)."""
+        return check_inputs(input_ids, attention_mask, labels, bb.vocab_size(self.backbone),
+                            self.embedding_layer.weight.device)
 
 
 class _SegmentEncodings:

