@@ -5,10 +5,12 @@ trained from scratch, memories at the token scale with ``memory_compression='nor
 600 steps of batch 16 with distances growing 1 -> 16 segments over the first 30% of the steps
 (examples of up to 33 segments), once with full BPTT through every segment and once with
 ``sparse_bptt`` (only the key's and the query's segments run with autograd; the key's position
-is then drawn per batch). Accuracy is exact, 200 fresh examples per distance, key anywhere,
+is then drawn per batch), and with ``sparse_negN`` (sparse plus N other segments drawn at random
+per batch, ``sparse_negatives``). Accuracy is exact, 200 fresh examples per distance, key anywhere,
 4, 16 and 64 segments back. One CPU thread; train time is wall-clock.
 
     python benchmarks/sparse_bptt_recall.py --json benchmarks/results/sparse_bptt_recall_cpu.json
+    python benchmarks/sparse_bptt_recall.py --modes sparse_neg2 --seeds 0 1 2 3 4 --max-distance 4 --steps 1000
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ EVAL_DISTANCES = [4, 16, 64]
 
 
 
+def negatives(mode: str) -> int:
+    return int(mode[len("sparse_neg"):]) if mode.startswith("sparse_neg") else 0
+
+
+def mode_name(value: str) -> str:
+    if value in ("full", "sparse") or (value.startswith("sparse_neg") and value[len("sparse_neg"):].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"expected full, sparse or sparse_negN (N other segments with autograd), got {value!r}")
+
+
 def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
     torch.manual_seed(seed)
     backbone = recall.tiny_llama(vocab_size=TASK.vocab_size, hidden_size=32, layers=2, heads=2, seed=seed)
@@ -42,7 +54,8 @@ def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
     distances = tuple(d for d in (1, 2, 4, 8, 16, 32) if d <= max_distance)
     config = recall.RecallTrainConfig(steps=steps, batch_size=16, distances=distances, curriculum=True,
                                       curriculum_fraction=0.3, lr=3e-3, warmup_steps=20, seed=seed,
-                                      evidence_segment=None, sparse_bptt=mode == "sparse")
+                                      evidence_segment=None, sparse_bptt=mode.startswith("sparse"),
+                                      sparse_negatives=negatives(mode))
     start = time.perf_counter()
     history = recall.train_recall(model, TASK, config)
     train_s = time.perf_counter() - start
@@ -56,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=positive_int, default=600)
     parser.add_argument("--max-distance", type=positive_int, default=16, help="largest training distance (segments)")
+    parser.add_argument("--modes", type=mode_name, nargs="+", default=["full", "sparse", "sparse_neg2"])
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
@@ -63,7 +77,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
-        for mode in ("full", "sparse"):
+        for mode in args.modes:
             row = dict(run(mode, seed, args.steps, args.max_distance), mode=mode, seed=seed)
             rows.append(row)
             print(row, flush=True)

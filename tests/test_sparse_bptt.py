@@ -192,3 +192,13 @@ def test_trainer_selects_evidence_and_answer_segments():
     # a row of unknown evidence (a language-model window), or no evidence at all: full BPTT
     assert sparse_bptt_segments({**batch, "evidence_position": torch.tensor([3, -1])}, 8) is None
     assert sparse_bptt_segments({"labels": labels}, 8) is None
+    # negatives: that many of the other segments (here 3 and nothing else of 5), drawn by the generator
+    draws = {tuple(sparse_bptt_segments(batch, 8, 1, torch.Generator().manual_seed(s))) for s in range(20)}
+    assert draws == {(0, 1, 2, 3, 4)}
+    assert sparse_bptt_segments(batch, 8, 5) == [0, 1, 2, 3, 4]  # more than there are: all of them
+    labels = torch.full((1, 80), IGNORE_INDEX)
+    labels[0, 75] = 7
+    batch = {"labels": labels, "evidence_position": torch.tensor([20])}
+    draws = [sparse_bptt_segments(batch, 8, 2, torch.Generator().manual_seed(s)) for s in range(30)]
+    assert all(len(d) == 4 and {2, 9} <= set(d) for d in draws)
+    assert len({tuple(d) for d in draws}) > 5  # random, not a fixed pair

@@ -264,6 +264,8 @@ class RecallTrainConfig:
             ``digit_curriculum_fraction`` of the steps is split evenly over these lengths (a short
             key first), the task's own ``num_digits`` afterwards. Empty: the task's length throughout.
         digit_curriculum_fraction: see ``digit_curriculum``.
+        sparse_negatives: with ``sparse_bptt``, this many other segments drawn at random also run
+            with autograd (see :func:`hmt.training.sparse_bptt_segments`).
         sparse_bptt: evidence-sparse BPTT (``forward``'s ``grad_segments``): only the evidence and
             query segments run with autograd. With a random key position the position is drawn
             per batch (one for all its rows), so the batch shares those two segments.
@@ -287,6 +289,7 @@ class RecallTrainConfig:
     digit_curriculum: Sequence[int] = ()
     digit_curriculum_fraction: float = 0.5
     sparse_bptt: bool = False
+    sparse_negatives: int = 0
 
 
 def train_recall(
@@ -331,7 +334,7 @@ def train_recall(
         batch = make_batch(step_task, config.batch_size, distance, gen, evidence_segment)
         loss, out, r_loss = training_loss(
             model, batch.training_batch(task.segment_length), use_memory=config.use_memory,
-            bptt_depth=config.detach_every, sparse_bptt=config.sparse_bptt,
+            bptt_depth=config.detach_every, sparse_bptt=config.sparse_bptt, sparse_negatives=config.sparse_negatives,
             retrieval_loss_weight=config.retrieval_loss_weight if searching else 0.0, return_logits=True)
         loss.backward()
         optimizer_step(optimizer, scheduler, params, config.grad_clip)

@@ -110,6 +110,12 @@ class TrainConfig:
                           "memories enter the cache detached. Batches with a row of unknown evidence (language-model "
                           "windows) keep full BPTT."},
     )
+    sparse_negatives: int = field(
+        default=0,
+        metadata={"help": "With sparse_bptt: this many other segments of each batch, drawn at random, also run with "
+                          "autograd (distractors whose memories the search learns to tell from the evidence's; "
+                          "2 made the recall probe learn where plain sparse BPTT did not).", "min": 0},
+    )
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', 'fp16' or 'auto' (bf16 on a GPU that has it)."})
     # --- bookkeeping
     output_dir: str = "runs/hmt"

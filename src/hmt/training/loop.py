@@ -143,7 +143,7 @@ def train(
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 loss, out, retrieval = training_loss(
                     model, batch, use_memory=config.use_memory, bptt_depth=config.bptt_depth,
-                    gradient_checkpointing=config.gradient_checkpointing, sparse_bptt=config.sparse_bptt,
+                    gradient_checkpointing=config.gradient_checkpointing, sparse_bptt=config.sparse_bptt, sparse_negatives=config.sparse_negatives,
                     retrieval_loss_weight=config.retrieval_loss_weight if supervise_retrieval else 0.0,
                     forward=wrapped, autocast=accelerator.autocast)
                 if supervise_retrieval:

@@ -13,21 +13,22 @@ from ..model import HMT
 
 
 def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = True, bptt_depth: Optional[int] = None,
-                  gradient_checkpointing: bool = False, sparse_bptt: bool = False, retrieval_loss_weight: float = 0.0,
+                  gradient_checkpointing: bool = False, sparse_bptt: bool = False, sparse_negatives: int = 0,
+                  retrieval_loss_weight: float = 0.0,
                   return_logits: bool = False, forward: Optional[Callable] = None, autocast: Callable = contextlib.nullcontext):
     """The loss one batch trains on: ``model``'s next-token loss over ``batch`` (``input_ids``,
     ``labels``, optionally ``attention_mask`` and ``evidence_position``), each row from an empty
     memory, plus ``retrieval_loss_weight`` times :func:`supervised_retrieval_loss` (0 for a batch
     without evidence positions; nothing at weight 0). ``forward``: the module that runs the model
     (its DDP/FSDP wrapper; default ``model``), inside ``autocast()``. ``sparse_bptt``: see
-    :func:`sparse_bptt_segments`. Returns ``(loss, the forward's output, the retrieval term or None)``."""
+    :func:`sparse_bptt_segments` (``sparse_negatives`` more segments drawn from the global RNG). Returns ``(loss, the forward's output, the retrieval term or None)``."""
     L = model.config.segment_length
     with autocast():
         out = (forward or model)(
             batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
             use_memory=use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
             return_logits=return_logits, detach_every=bptt_depth, checkpoint_segments=gradient_checkpointing,
-            grad_segments=sparse_bptt_segments(batch, L) if sparse_bptt else None,
+            grad_segments=sparse_bptt_segments(batch, L, sparse_negatives) if sparse_bptt else None,
         )
     loss, retrieval = out.loss, None
     if retrieval_loss_weight > 0:  # 0 for a batch without placed evidence (e.g. mixed-in windows)
@@ -37,17 +38,28 @@ def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = Tru
     return loss, out, retrieval
 
 
-def sparse_bptt_segments(batch: dict, segment_length: int) -> Optional[list[int]]:
+def sparse_bptt_segments(batch: dict, segment_length: int, negatives: int = 0,
+                         generator: Optional[torch.Generator] = None) -> Optional[list[int]]:
     """The segments that run with autograd under evidence-sparse BPTT (``sparse_bptt``): for each
     row, the segment where its evidence begins and every segment that scores one of its labels
-    (label t is predicted at position t - 1); the union over the batch's rows. None (full BPTT)
-    when the batch has no evidence positions or a row's evidence is unknown, as in language-model
-    windows. Rows are right-padded (``pad_collate``), so positions are the model's own."""
+    (label t is predicted at position t - 1); the union over the batch's rows; plus ``negatives``
+    of the other segments drawn at random (``generator``, else the global RNG). The search learns
+    by contrast: without a few distractor segments whose memories the gradient can move, the
+    recall probe did not learn (benchmarks/README.md, "Which segments sparse BPTT must keep").
+    None (full BPTT) when the batch has no evidence positions or a row's evidence is unknown, as
+    in language-model windows. Rows are right-padded (``pad_collate``), so positions are the
+    model's own."""
     evidence = batch.get("evidence_position")
     if evidence is None or bool((evidence < 0).any()):
         return None
     labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()  # predicting positions
-    return sorted(set((evidence // segment_length).tolist()) | set((labelled // segment_length).tolist()))
+    chosen = set((evidence // segment_length).tolist()) | set((labelled // segment_length).tolist())
+    if negatives > 0:
+        segments = -(-batch["labels"].shape[1] // segment_length)
+        rest = [s for s in range(segments) if s not in chosen]
+        order = torch.randperm(len(rest), generator=generator).tolist()
+        chosen |= {rest[i] for i in order[:negatives]}
+    return sorted(chosen)
 
 
 def retrieval_loss(
