@@ -30,6 +30,8 @@ trainer's own tokens/s.
     python benchmarks/gpu.py                         # the issue's table, ~3 min on one H200
     python benchmarks/gpu.py --batches 16 32 --parts train
     python benchmarks/gpu.py --tiny --device cpu     # smoke run of the script on a CPU (seconds)
+    python benchmarks/gpu.py --json gpu.json --partial   # the JSON rewritten after every row (a run cut
+                                                         # short by a time limit leaves the rows it measured)
 """
 
 from __future__ import annotations
@@ -200,11 +202,13 @@ def run_trainer(args, device) -> dict:
     window = config.segments_per_window * config.hmt_config().segment_length
     generator = torch.Generator().manual_seed(0)
     items = []
-    for _ in range(config.batch_size * (args.trainer_steps + 1)):
+    for _ in range((args.trainer_batch_size or config.batch_size) * (args.trainer_steps + 1)):
         ids = torch.randint(3, vocab, (window,), generator=generator)
         items.append({"input_ids": ids, "labels": ids.clone()})
     with tempfile.TemporaryDirectory() as out:
         config.init_from, config.output_dir, config.steps = None, out, args.trainer_steps
+        if args.trainer_batch_size:
+            config.batch_size = args.trainer_batch_size
         config.eval_every = config.save_every = args.trainer_steps + 1
         config.log_every, config.progress = 1, False
         if device.type != "cuda":
@@ -236,10 +240,14 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--trainer-steps", type=positive_int, default=12)
+    parser.add_argument("--trainer-batch-size", type=positive_int, default=None,
+                        help="windows per step of the trainer part (default: the recipe's, 16)")
     parser.add_argument("--peak-tflops", type=positive_float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama instead of SmolLM2's size (smoke runs)")
     parser.add_argument("--device", type=device_name, default="auto")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --json: write the file after every row too (\"complete\": false until the end)")
     add_json_argument(parser)
     args = parser.parse_args(argv)
     check_json(parser, args)
@@ -248,10 +256,17 @@ def main(argv=None) -> None:
         args.segment_length, args.representation_length, args.sensory, args.num_memory = 32, 16, 4, 20
     started = time.perf_counter()
     rows = []
+
+    def payload(trainer, complete: bool) -> dict:
+        return {"benchmark": "gpu", "environment": environment(device), "settings": vars(args), "rows": rows,
+                "trainer": trainer, "wall_s": time.perf_counter() - started, "complete": complete}
+
     for part in [p for p in args.parts if p != "trainer"]:
         for B in args.batches:
             rows.append(run_pair(args, device, B, train=part == "train"))
             print(rows[-1], flush=True)
+            if args.partial:
+                write_json(args.json, payload(None, complete=False))
     headers = ["mode", "windows", "plain tok/s", "HMT tok/s", "ratio", "plain peak GiB", "HMT peak GiB", "plain MFU %", "HMT MFU %"]
     gib = lambda v: v / 2**30 if v else float("nan")  # noqa: E731
     print(table(headers, [[r["mode"], r["windows"], r.get("plain_tokens_per_s") or "OOM", r.get("hmt_tokens_per_s") or "OOM",
@@ -263,8 +278,7 @@ def main(argv=None) -> None:
         print(f"\nhmt train, {trainer['recipe']} stage 2 ({trainer['trainable']}, batch {trainer['batch_size']} x "
               f"{trainer['window']} tokens, {trainer['precision']}): {trainer['tokens_per_s']:,.0f} tokens/s")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    write_json(args.json, {"benchmark": "gpu", "environment": environment(device), "settings": vars(args), "rows": rows,
-                           "trainer": trainer, "wall_s": time.perf_counter() - started})
+    write_json(args.json, payload(trainer, complete=True))
 
 
 if __name__ == "__main__":
