@@ -2,7 +2,7 @@
 a moving average) and retrieval loss per stage, with each stage's held-out answer perplexity
 against chance (a 5-digit key: 5 digit tokens at 1/10 and two predictable tokens, 10^(5/7)).
 
-    python benchmarks/plot_teaching.py benchmarks/results/smollm2-passkey-cpu --stages near short short_sink \
+    python benchmarks/plot_teaching.py benchmarks/results/smollm2-passkey-cpu --stages near short short_sink short_mean \
         --out docs/figures/passkey_teaching.png
 """
 
