@@ -62,6 +62,11 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/teaching_cost.py", ["--steps", "2", "--warmup", "2"], "--warmup (2) must be below --steps (2)"),
     ("benchmarks/recall_seeds.py", ["--levers", "bogus"], "argument --levers: invalid choice"),
     ("benchmarks/sparse_bptt_recall.py", ["--max-distance", "0"], "argument --max-distance: must be at least 1"),
+    ("benchmarks/recall_read.py", ["--hmt", "{sink: 0}"], "--hmt must be a JSON object"),
+    ("benchmarks/recall_read.py", ["--hmt", "[1]"], "--hmt must be a JSON object"),
+    ("benchmarks/recall_read.py", ["--lr", "0"], "argument --lr"),
+    ("benchmarks/recall_read.py", ["--minutes", "-1"], "argument --minutes"),
+    ("benchmarks/memory_content.py", ["--segments", "4"], "--segments must be at least 8"),
 ])
 def test_bad_flags_are_one_line_and_status_2(capsys, relative, argv, match):
     refused(capsys, relative, argv, match)

@@ -1,0 +1,164 @@
+"""Can SmolLM2 learn to read a key from its memory? Write and read alone, no search, on the CPU.
+
+The smallest passkey task that needs HMT's memory: two segments, the key in the first (its key
+sentence after a random filler prefix, filler after it), the question early in the second, past
+the sensory window. The cache then holds one memory, so P_n *is* the key segment's memory m_0:
+the search cannot fail and only the write (the key into m_0) and the read (m_0 into the
+answer) are learned. Trains an adapter's LoRA and HMT's parameters on fresh examples (keys of
+the passkey evaluation never used), and logs the answer loss and the held-out accuracy of every
+answer token (the leading space, then the five digits; chance for a digit: loss ln 10 = 2.30,
+accuracy 0.10), so a read that starts to work shows as digit 1 leaving chance first.
+
+    python benchmarks/recall_read.py --init-from smollm2-135m --minutes 30
+    python benchmarks/recall_read.py --init-from runs/smollm2-passkey-cpu/short/final \\
+        --hmt '{"segment_length": 96, "representation_length": 48}' --gap 16 --minutes 38 --json out.json
+
+Segment length 96 (k = 32 sensory tokens) makes an example about 130 tokens, about 1 s of
+training on 2 cores: a few thousand examples in 40 minutes. Adapters are segment-length agnostic
+(LoRA and HMT's parameters), so the lesson carries to the shipped 256-token segments.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import torch
+
+from _common import add_json_argument, check_json, make_parser, positive_int, write_json
+from hmt.arguments import check_output_dir, positive_float, run
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--init-from", default="smollm2-135m", help="adapter to start from (default: the shipped one)")
+    parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON, e.g. '{\"sink_token_id\": 0}'")
+    parser.add_argument("--steps", type=positive_int, default=100_000, help="optimizer steps (the time limit usually ends it)")
+    parser.add_argument("--minutes", type=positive_float, default=30.0, help="stop after this many minutes of training")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--hmt-lr", type=positive_float, default=5e-3, help="learning rate of HMT's own parameters")
+    parser.add_argument("--gap", type=positive_int, default=16, help="filler tokens in segment 2 before the question")
+    parser.add_argument("--eval-every", type=positive_int, default=40)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--save", default=None, help="save the trained adapter to this directory")
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    check_json(parser, args)
+    if args.save:
+        check_output_dir(parser, args.save, "--save")
+    try:
+        args.hmt = json.loads(args.hmt)
+    except json.JSONDecodeError as err:
+        parser.error(f"--hmt must be a JSON object: {err}")
+    if not isinstance(args.hmt, dict):
+        parser.error("--hmt must be a JSON object, e.g. '{\"sink_token_id\": 0}'")
+    return args
+
+
+class TwoSegmentTask:
+    """Examples of the two-segment task: ``(ids, labels)`` rows of equal length, labels on the answer."""
+
+    def __init__(self, tokenizer, segment_length: int, gap: int):
+        from hmt.passkey import FILLER, QUESTION, evaluation_keys
+
+        self.encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        self.filler = self.encode(FILLER) * (2 * segment_length // len(self.encode(FILLER)) + 2)
+        self.question = self.filler[:gap] + self.encode(" " + QUESTION)
+        self.length = segment_length
+        self.held_out = evaluation_keys(0)
+        if len(self.question) + 6 > segment_length:
+            raise ValueError(f"--gap {gap} leaves no room for the question in a {segment_length}-token segment.")
+
+    def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        key = str(rng.randrange(10**4, 10**5))
+        while key in self.held_out:
+            key = str(rng.randrange(10**4, 10**5))
+        needle = self.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+        if len(needle) >= self.length // 2:
+            raise ValueError(f"A {self.length}-token segment is too short for the key sentence ({len(needle)} tokens).")
+        prefix = rng.randrange(0, self.length // 2 - len(needle))
+        first = (self.filler[:prefix] + needle + self.filler)[: self.length]
+        answer = self.encode(" " + key)
+        return first + self.question + answer, [-100] * (len(first) + len(self.question)) + answer
+
+    def batch(self, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.example(rng) for _ in range(size)]
+        return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
+
+def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and correctness ``(B, answer tokens)`` of the answer at the end of each row."""
+    n = int((labels[0] != -100).sum())
+    predicted = logits[:, -n - 1 : -1].float()
+    target = labels[:, -n:]
+    loss = torch.nn.functional.cross_entropy(predicted.transpose(1, 2), target, reduction="none")
+    return loss, (predicted.argmax(-1) == target).float()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import hmt.backbone as bb
+    from hmt.training.build import build_model
+    from hmt.training.config import TrainConfig
+    from hmt.training.optim import optimizer_groups
+
+    torch.manual_seed(0)
+    backbone, tokenizer = bb.load_backbone(None)
+    model = build_model(TrainConfig(init_from=args.init_from, trainable="lora", hmt=args.hmt, data="unused"), backbone)
+    task = TwoSegmentTask(tokenizer, model.config.segment_length, args.gap)
+    groups = optimizer_groups(model, args.lr, args.hmt_lr)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    trained = [p for group in groups for p in group["params"]]
+    rng, eval_rng = random.Random(1), random.Random(12345)
+    held_out = [task.batch(eval_rng, 8) for _ in range(8)]
+    curve = []
+
+    def evaluate(step: int, elapsed: float) -> None:
+        model.eval()
+        losses, hits = [], []
+        with torch.no_grad():
+            for ids, labels in held_out:
+                model.clear_memory()
+                loss, hit = answer_scores(model(ids, labels=labels).logits, labels)
+                losses.append(loss)
+                hits.append(hit)
+        model.train()
+        loss, hit = torch.cat(losses), torch.cat(hits)
+        point = {"step": step, "examples": step * args.batch_size, "elapsed_s": round(elapsed),
+                 "loss_per_token": [round(x, 3) for x in loss.mean(0).tolist()],
+                 "accuracy_per_token": [round(x, 3) for x in hit.mean(0).tolist()],
+                 "exact": float(hit.all(1).float().mean())}
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+
+    started = time.perf_counter()
+    evaluate(0, 0.0)
+    step = 0
+    while step < args.steps and time.perf_counter() - started < args.minutes * 60:
+        step += 1
+        ids, labels = task.batch(rng, args.batch_size)
+        model.clear_memory()
+        loss, _ = answer_scores(model(ids, labels=labels).logits, labels)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        if step % args.eval_every == 0:
+            evaluate(step, time.perf_counter() - started)
+    if not curve or curve[-1]["step"] != step:
+        evaluate(step, time.perf_counter() - started)
+    if args.save:
+        model.save_pretrained(args.save)
+    write_json(args.json, {"command": "python benchmarks/recall_read.py " + " ".join(sys.argv[1:]),
+                           "init_from": args.init_from, "hmt": args.hmt, "batch_size": args.batch_size, "lr": args.lr,
+                           "hmt_lr": args.hmt_lr, "gap": args.gap, "segment_length": model.config.segment_length,
+                           "curve": curve})
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
