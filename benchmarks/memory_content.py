@@ -112,8 +112,9 @@ def main(argv=None) -> None:
     print(table(["feature", "digit 1", "digit 2", "digit 3", "digit 4", "digit 5"],
                 [[name] + [f"{a:.2f}" for a in acc] for name, acc in results.items()]))
     print(f"(held-out accuracy of a linear probe, {args.segments - train} segments; chance 0.10)")
-    write_json(args.json, {"command": "python benchmarks/memory_content.py", "adapter": args.adapter or hmt.DEFAULT_ADAPTER,
-                           "segments": args.segments, "held_out": args.segments - train, "accuracy_per_digit": results})
+    write_json(args.json, {"command": "python benchmarks/memory_content.py",
+                           "adapter": args.adapter or hmt.DEFAULT_ADAPTER, "segments": args.segments,
+                           "held_out": args.segments - train, "accuracy_per_digit": results})
 
 
 if __name__ == "__main__":

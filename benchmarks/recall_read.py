@@ -6,7 +6,7 @@ the sensory window. The cache then holds one memory, so P_n *is* the key segment
 the search cannot fail and only the write (the key into m_0) and the read (m_0 into the
 answer) are learned. Trains an adapter's LoRA and HMT's parameters on fresh examples (keys of
 the passkey evaluation never used), and logs the answer loss and the held-out accuracy of every
-answer token (the leading space, then the five digits; chance for a digit: loss ln 10 = 2.30,
+answer token (the leading space, then the key's digits; chance for a digit: loss ln 10 = 2.30,
 accuracy 0.10), so a read that starts to work shows as digit 1 leaving chance first.
 
     python benchmarks/recall_read.py --init-from smollm2-135m --minutes 30
@@ -35,11 +35,14 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--init-from", default="smollm2-135m", help="adapter to start from (default: the shipped one)")
     parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON, e.g. '{\"sink_token_id\": 0}'")
-    parser.add_argument("--steps", type=positive_int, default=100_000, help="optimizer steps (the time limit usually ends it)")
+    parser.add_argument("--steps", type=positive_int, default=100_000,
+                        help="optimizer steps (the time limit usually ends it)")
     parser.add_argument("--minutes", type=positive_float, default=30.0, help="stop after this many minutes of training")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="LoRA learning rate")
     parser.add_argument("--hmt-lr", type=positive_float, default=5e-3, help="learning rate of HMT's own parameters")
+    parser.add_argument("--digits", type=positive_int, default=5,
+                        help="digits of the key (default 5, as the passkey evaluation)")
     parser.add_argument("--gap", type=positive_int, default=16, help="filler tokens in segment 2 before the question")
     parser.add_argument("--eval-every", type=positive_int, default=40)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
@@ -61,21 +64,22 @@ def parse_args(argv=None):
 class TwoSegmentTask:
     """Examples of the two-segment task: ``(ids, labels)`` rows of equal length, labels on the answer."""
 
-    def __init__(self, tokenizer, segment_length: int, gap: int):
+    def __init__(self, tokenizer, segment_length: int, gap: int, digits: int = 5):
         from hmt.passkey import FILLER, QUESTION, evaluation_keys
 
         self.encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         self.filler = self.encode(FILLER) * (2 * segment_length // len(self.encode(FILLER)) + 2)
         self.question = self.filler[:gap] + self.encode(" " + QUESTION)
         self.length = segment_length
-        self.held_out = evaluation_keys(0)
-        if len(self.question) + 6 > segment_length:
+        self.held_out = evaluation_keys(0) if digits == 5 else set()  # the evaluation's keys have 5 digits
+        self.low, self.high = (10 ** (digits - 1) if digits > 1 else 0), 10**digits
+        if len(self.question) + digits + 1 > segment_length:
             raise ValueError(f"--gap {gap} leaves no room for the question in a {segment_length}-token segment.")
 
     def example(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        key = str(rng.randrange(10**4, 10**5))
+        key = str(rng.randrange(self.low, self.high))
         while key in self.held_out:
-            key = str(rng.randrange(10**4, 10**5))
+            key = str(rng.randrange(self.low, self.high))
         needle = self.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
         if len(needle) >= self.length // 2:
             raise ValueError(f"A {self.length}-token segment is too short for the key sentence ({len(needle)} tokens).")
@@ -110,7 +114,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     backbone, tokenizer = bb.load_backbone(None)
     model = build_model(TrainConfig(init_from=args.init_from, trainable="lora", hmt=args.hmt, data="unused"), backbone)
-    task = TwoSegmentTask(tokenizer, model.config.segment_length, args.gap)
+    task = TwoSegmentTask(tokenizer, model.config.segment_length, args.gap, args.digits)
     groups = optimizer_groups(model, args.lr, args.hmt_lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     trained = [p for group in groups for p in group["params"]]
@@ -156,7 +160,8 @@ def main(argv=None) -> None:
         model.save_pretrained(args.save)
     write_json(args.json, {"command": "python benchmarks/recall_read.py " + " ".join(sys.argv[1:]),
                            "init_from": args.init_from, "hmt": args.hmt, "batch_size": args.batch_size, "lr": args.lr,
-                           "hmt_lr": args.hmt_lr, "gap": args.gap, "segment_length": model.config.segment_length,
+                           "hmt_lr": args.hmt_lr, "gap": args.gap, "digits": args.digits,
+                           "segment_length": model.config.segment_length,
                            "curve": curve})
 
 
