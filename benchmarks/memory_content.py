@@ -21,6 +21,7 @@ still at chance means the read is what fails, not the write.
 from __future__ import annotations
 
 import random
+import shlex
 import sys
 
 import torch
@@ -47,7 +48,7 @@ def parse_args(argv=None):
 
 def key_segments(tokenizer, length: int, count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``count`` segments of ``length`` tokens, each with a random 5-digit key after 0-127 filler tokens."""
-    from hmt.passkey import FILLER
+    from hmt.passkey import FILLER, needle
 
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     filler = encode(FILLER) * (2 * length // len(encode(FILLER)) + 2)
@@ -55,9 +56,9 @@ def key_segments(tokenizer, length: int, count: int, seed: int) -> tuple[torch.T
     rows, keys = [], []
     for _ in range(count):
         key = str(rng.randrange(10**4, 10**5))
-        needle = encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
-        prefix = rng.randrange(0, max(1, min(128, length - len(needle))))
-        rows.append((filler[:prefix] + needle + filler)[:length])
+        sentence = encode(needle(key))
+        prefix = rng.randrange(0, max(1, min(128, length - len(sentence))))
+        rows.append((filler[:prefix] + sentence + filler)[:length])
         keys.append(key)
     return torch.tensor(rows), keys
 
@@ -83,6 +84,7 @@ def probe_accuracy(features: torch.Tensor, digits: torch.Tensor, train: int, ste
 def main(argv=None) -> None:
     args = parse_args(argv)
     import hmt
+    from hmt.memory import pool
 
     torch.manual_seed(0)
     model, tokenizer = hmt.load_pretrained(args.adapter or hmt.DEFAULT_ADAPTER)
@@ -96,14 +98,9 @@ def main(argv=None) -> None:
             for start in range(0, len(ids), args.batch_size):
                 rows = ids[start : start + args.batch_size]
                 model.memory_step(model.new_memory(rows.shape[0]), rows)
-                hidden = caught["hidden"]
-                mask = caught["mask"]
-                real = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
-                last = real.long().sum(1) - 1
-                weights = real.unsqueeze(-1).to(hidden.dtype)
-                collected["m_last"].append(hidden[torch.arange(rows.shape[0]), last])
+                collected["m_last"].append(pool(caught["hidden"], caught["mask"], "last"))
                 collected["P"].append(caught["out"])
-                collected["mean"].append((hidden * weights).sum(1) / weights.sum(1))
+                collected["mean"].append(pool(caught["hidden"], caught["mask"], "mean"))
     finally:
         hook.remove()
     digits = torch.tensor([[int(c) for c in key] for key in keys])
@@ -112,7 +109,8 @@ def main(argv=None) -> None:
     print(table(["feature", "digit 1", "digit 2", "digit 3", "digit 4", "digit 5"],
                 [[name] + [f"{a:.2f}" for a in acc] for name, acc in results.items()]))
     print(f"(held-out accuracy of a linear probe, {args.segments - train} segments; chance 0.10)")
-    write_json(args.json, {"command": "python benchmarks/memory_content.py",
+    command = shlex.join(["python", "benchmarks/memory_content.py", *(sys.argv[1:] if argv is None else argv)])
+    write_json(args.json, {"command": command,
                            "adapter": args.adapter or hmt.DEFAULT_ADAPTER, "segments": args.segments,
                            "held_out": args.segments - train, "accuracy_per_digit": results})
 

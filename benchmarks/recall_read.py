@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import sys
 import time
 
@@ -65,7 +66,7 @@ class TwoSegmentTask:
     """Examples of the two-segment task: ``(ids, labels)`` rows of equal length, labels on the answer."""
 
     def __init__(self, tokenizer, segment_length: int, gap: int, digits: int = 5):
-        from hmt.passkey import FILLER, QUESTION, evaluation_keys
+        from hmt.passkey import FILLER, QUESTION, evaluation_keys, needle
 
         self.encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         self.filler = self.encode(FILLER) * (2 * segment_length // len(self.encode(FILLER)) + 2)
@@ -80,11 +81,12 @@ class TwoSegmentTask:
         key = str(rng.randrange(self.low, self.high))
         while key in self.held_out:
             key = str(rng.randrange(self.low, self.high))
-        needle = self.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
-        if len(needle) >= self.length // 2:
-            raise ValueError(f"A {self.length}-token segment is too short for the key sentence ({len(needle)} tokens).")
-        prefix = rng.randrange(0, self.length // 2 - len(needle))
-        first = (self.filler[:prefix] + needle + self.filler)[: self.length]
+        sentence = self.encode(needle(key))
+        if len(sentence) >= self.length // 2:
+            raise ValueError(f"A {self.length}-token segment is too short for the key sentence "
+                             f"({len(sentence)} tokens).")
+        prefix = rng.randrange(0, self.length // 2 - len(sentence))
+        first = (self.filler[:prefix] + sentence + self.filler)[: self.length]
         answer = self.encode(" " + key)
         return first + self.question + answer, [-100] * (len(first) + len(self.question)) + answer
 
@@ -158,7 +160,8 @@ def main(argv=None) -> None:
         evaluate(step, time.perf_counter() - started)
     if args.save:
         model.save_pretrained(args.save)
-    write_json(args.json, {"command": "python benchmarks/recall_read.py " + " ".join(sys.argv[1:]),
+    command = shlex.join(["python", "benchmarks/recall_read.py", *(sys.argv[1:] if argv is None else argv)])
+    write_json(args.json, {"command": command,
                            "init_from": args.init_from, "hmt": args.hmt, "batch_size": args.batch_size, "lr": args.lr,
                            "hmt_lr": args.hmt_lr, "gap": args.gap, "digits": args.digits,
                            "segment_length": model.config.segment_length,

@@ -362,6 +362,30 @@ class MemoryState:
 
 
 # =========================================================================== modules
+def pool(hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], strategy: str) -> torch.Tensor:
+    """``hidden_states (B, T, d)`` -> ``(B, d)`` by an extraction strategy (see
+    :class:`MemoryEmbeddingGenerator`); ``attention_mask (B, T)``: 1 = real, right-padded, None = all real."""
+    if strategy not in EXTRACTION_STRATEGIES:
+        raise ValueError(f"extraction_strategy must be one of {EXTRACTION_STRATEGIES}, got {strategy!r}.")
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be (batch, seq, dim), got shape {tuple(hidden_states.shape)}.")
+    B, T, _ = hidden_states.shape
+    real = (
+        torch.ones(B, T, dtype=torch.bool, device=hidden_states.device)
+        if attention_mask is None
+        else attention_mask.bool()
+    )
+    if strategy == "last":
+        last = real.long().sum(1).clamp(min=1) - 1
+        return hidden_states[torch.arange(B, device=hidden_states.device), last]
+    if strategy == "cls":
+        return hidden_states[:, 0]
+    if strategy == "mean":
+        weights = real.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return hidden_states.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(1)  # max
+
+
 class MemoryEmbeddingGenerator(nn.Module):
     """Reads the memory embedding m_n out of a pass's final hidden states.
 
@@ -398,27 +422,7 @@ class MemoryEmbeddingGenerator(nn.Module):
         extraction_strategy: Optional[str] = None,
     ) -> torch.Tensor:
         """``hidden_states (B, T, d)``, ``attention_mask (B, T)`` (1 = real, right-padded) -> ``(B, d)``."""
-        strategy = extraction_strategy or self.extraction_strategy
-        if strategy not in EXTRACTION_STRATEGIES:
-            raise ValueError(f"extraction_strategy must be one of {EXTRACTION_STRATEGIES}, got {strategy!r}.")
-        if hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states must be (batch, seq, dim), got shape {tuple(hidden_states.shape)}.")
-        B, T, _ = hidden_states.shape
-        real = (
-            torch.ones(B, T, dtype=torch.bool, device=hidden_states.device)
-            if attention_mask is None
-            else attention_mask.bool()
-        )
-        if strategy == "last":
-            last = real.long().sum(1).clamp(min=1) - 1
-            out = hidden_states[torch.arange(B, device=hidden_states.device), last]
-        elif strategy == "cls":
-            out = hidden_states[:, 0]
-        elif strategy == "mean":
-            weights = real.unsqueeze(-1).to(hidden_states.dtype)
-            out = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
-        else:  # max
-            out = hidden_states.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(1)
+        out = pool(hidden_states, attention_mask, extraction_strategy or self.extraction_strategy)
         if self.gain is not None:
             return out * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-12).to(out.dtype) * self.gain
         if self.compression is None:

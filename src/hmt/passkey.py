@@ -21,6 +21,11 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "What is the pass key? The pass key is"
 
 
+def needle(key: str) -> str:
+    """The sentence that hides ``key`` in a passkey prompt (the evaluation's and the training tasks')."""
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+
 @dataclass
 class PasskeyPrompt:
     ids: torch.Tensor  # (T,)
@@ -32,13 +37,13 @@ def make_prompt(tokenizer, distance: int, key: str, prefix_tokens: int = 64) -> 
     """``prefix_tokens`` of filler, the key sentence, filler up to ``distance`` tokens before the question's end."""
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     filler = encode(FILLER)
-    needle = encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    sentence = encode(needle(key))
     question = encode(" " + QUESTION)
     before = (filler * (prefix_tokens // len(filler) + 1))[:prefix_tokens]
-    gap = max(0, distance - len(needle) - len(question))
+    gap = max(0, distance - len(sentence) - len(question))
     after = (filler * (gap // len(filler) + 1))[:gap]
-    ids = torch.tensor(before + needle + after + question)
-    return PasskeyPrompt(ids, key, len(needle) + len(after) + len(question))
+    ids = torch.tensor(before + sentence + after + question)
+    return PasskeyPrompt(ids, key, len(sentence) + len(after) + len(question))
 
 
 EVALUATION_DRAWS = 10_000  # keys of run()'s seed held out of training: any evaluation of up to this many trials
@@ -84,11 +89,11 @@ def task_examples(
         key = str(rng.randrange(10000, 100000))
         while key in held_out:
             key = str(rng.randrange(10000, 100000))
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-        gap = max(0, rng.randint(min_distance, max_distance) - length(needle) - question)
+        sentence = needle(key)
+        gap = max(0, rng.randint(min_distance, max_distance) - length(sentence) - question)
         before = FILLER * rng.randint(0, max_prefix // filler)
-        examples.append(QAExample(context=before + needle + FILLER * round(gap / filler), prompt=QUESTION,
-                                  answer=key, name=f"passkey-{seed}-{i}", evidence=needle))
+        examples.append(QAExample(context=before + sentence + FILLER * round(gap / filler), prompt=QUESTION,
+                                  answer=key, name=f"passkey-{seed}-{i}", evidence=sentence))
     return examples
 
 
