@@ -28,6 +28,7 @@ import torch
 
 from _common import add_json_argument, check_json, make_parser, positive_int, table, write_json
 from hmt.arguments import run
+from hmt.passkey import FILLER, needle
 
 FEATURES = ("m_last", "P", "mean")
 
@@ -48,8 +49,6 @@ def parse_args(argv=None):
 
 def key_segments(tokenizer, length: int, count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``count`` segments of ``length`` tokens, each with a random 5-digit key after 0-127 filler tokens."""
-    from hmt.passkey import FILLER, needle
-
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     filler = encode(FILLER) * (2 * length // len(encode(FILLER)) + 2)
     rng = random.Random(seed)

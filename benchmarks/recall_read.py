@@ -30,6 +30,7 @@ import torch
 
 from _common import add_json_argument, check_json, make_parser, positive_int, write_json
 from hmt.arguments import check_output_dir, positive_float, run
+from hmt.passkey import FILLER, QUESTION, evaluation_keys, needle
 
 
 def parse_args(argv=None):
@@ -66,8 +67,6 @@ class TwoSegmentTask:
     """Examples of the two-segment task: ``(ids, labels)`` rows of equal length, labels on the answer."""
 
     def __init__(self, tokenizer, segment_length: int, gap: int, digits: int = 5):
-        from hmt.passkey import FILLER, QUESTION, evaluation_keys, needle
-
         self.encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         self.filler = self.encode(FILLER) * (2 * segment_length // len(self.encode(FILLER)) + 2)
         self.question = self.filler[:gap] + self.encode(" " + QUESTION)

@@ -86,3 +86,35 @@ def test_write_task_never_overwrites_a_file_unasked(capsys, tmp_path):
     task.write_text("a user's file\n")
     refused(capsys, "examples/passkey.py", ["--write-task", str(task)], "task.jsonl exists; pass --overwrite")
     assert task.read_text() == "a user's file\n"
+
+
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        class Encoded:
+            input_ids = [ord(c) for c in text]
+
+        return Encoded()
+
+
+def test_recall_read_rows_hold_the_key_in_segment_one_and_label_only_the_answer():
+    import random
+
+    from hmt.passkey import QUESTION
+
+    task = script("benchmarks/recall_read.py").TwoSegmentTask(_CharTokenizer(), 256, gap=16, digits=5)
+    ids, labels = task.batch(random.Random(0), 6)
+    for row, label in zip(ids.tolist(), labels.tolist()):
+        text = "".join(map(chr, row))
+        first, second = text[:256], text[256:]
+        key = "".join(chr(t) for t in label if t != -100).strip()
+        assert len(key) == 5 and key.isdigit() and key not in task.held_out
+        assert f"The pass key is {key}" in first and key not in second[: -6]  # only the answer repeats it
+        assert second[:-6].endswith(QUESTION)
+        assert all(t == -100 for t in label[:-6]) and "".join(map(chr, label[-6:])) == " " + key
+
+
+def test_memory_content_segments_carry_their_keys():
+    ids, keys = script("benchmarks/memory_content.py").key_segments(_CharTokenizer(), 200, 12, seed=3)
+    assert ids.shape == (12, 200) and len(set(keys)) > 1
+    for row, key in zip(ids.tolist(), keys):
+        assert f"The pass key is {key}" in "".join(map(chr, row))
