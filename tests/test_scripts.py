@@ -67,6 +67,9 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/recall_read.py", ["--lr", "0"], "argument --lr"),
     ("benchmarks/recall_read.py", ["--minutes", "-1"], "argument --minutes"),
     ("benchmarks/memory_content.py", ["--segments", "4"], "--segments must be at least 8"),
+    ("benchmarks/read_fixed_write.py", ["--write", "perfect"], "argument --write"),
+    ("benchmarks/read_fixed_write.py", ["--hmt", "[1]"], "--hmt must be a JSON object"),
+    ("benchmarks/read_fixed_write.py", ["--steps", "0"], "argument --steps"),
 ])
 def test_bad_flags_are_one_line_and_status_2(capsys, relative, argv, match):
     refused(capsys, relative, argv, match)
