@@ -66,6 +66,7 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/recall_read.py", ["--hmt", "[1]"], "--hmt must be a JSON object"),
     ("benchmarks/recall_read.py", ["--lr", "0"], "argument --lr"),
     ("benchmarks/recall_read.py", ["--minutes", "-1"], "argument --minutes"),
+    ("benchmarks/recall_read.py", ["--write-loss", "-1"], "--write-loss must be 0 or more"),
     ("benchmarks/memory_content.py", ["--segments", "4"], "--segments must be at least 8"),
     ("benchmarks/read_fixed_write.py", ["--write", "perfect"], "argument --write"),
     ("benchmarks/read_fixed_write.py", ["--hmt", "[1]"], "--hmt must be a JSON object"),
@@ -121,3 +122,20 @@ def test_memory_content_segments_carry_their_keys():
     assert ids.shape == (12, 200) and len(set(keys)) > 1
     for row, key in zip(ids.tolist(), keys):
         assert f"The pass key is {key}" in "".join(map(chr, row))
+
+
+def test_recall_read_write_loss_reads_the_memory_as_a_token():
+    import torch
+
+    module = script("benchmarks/recall_read.py")
+    torch.manual_seed(0)
+    table = torch.randn(20, 8)
+    labels = torch.tensor([[-100, 0, 3, 4, 5], [-100, 0, 7, 8, 9]])  # a space (0), then 3 digits
+    first = module.write_scores(4 * table[[3, 7]], table, labels, 3, "first")
+    second = module.write_scores(4 * table[[4, 8]], table, labels, 3, "first")
+    assert first[1].tolist() == [1.0, 1.0] and second[1].tolist() == [0.0, 0.0]
+    assert (first[0] < second[0]).all()
+    bag = module.write_scores(4 * table[[5, 9]], table, labels, 3, "bag")  # a later digit counts in a bag
+    assert bag[1].tolist() == [1.0, 1.0]
+    assert module.mean_cosine(torch.ones(4, 8)) == pytest.approx(1.0)
+    assert module.mean_cosine(torch.eye(4)) == pytest.approx(0.0)
