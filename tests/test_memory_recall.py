@@ -118,6 +118,55 @@ def test_retrieval_loss_trains_the_search():
     assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
 
 
+# ------------------------------------------------------------------ write loss
+def test_write_loss_by_hand():
+    from hmt.training import write_loss
+
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    memories = torch.tensor([[[2.0, 0.0], [0.0, 3.0]], [[0.0, 1.0], [5.0, 5.0]], [[9.0, 9.0], [9.0, 9.0]]])
+    out = SimpleNamespace(memory_embeddings=memories)
+    L = 4
+    # row 0: evidence in segment 1, answer token 1; row 1: segment 0, token 0; row 2: no evidence (-1)
+    loss = write_loss(out, torch.tensor([5, 2, -1]), torch.tensor([1, 0, 2]), table, L)
+    hand = (torch.nn.functional.cross_entropy(torch.tensor([[0.0, 3.0, 3.0]]), torch.tensor([1]))
+            + torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0, 1.0]]), torch.tensor([0]))) / 2
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    # an unknown answer token, or evidence past this call's segments, leaves the row out; none left: 0
+    assert write_loss(out, torch.tensor([5, 9, -1]), torch.tensor([1, 0, 2]), table, L).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(torch.tensor([[0.0, 3.0, 3.0]]), torch.tensor([1])).item(), rel=1e-6)
+    assert write_loss(out, torch.tensor([5, 2, 1]), torch.tensor([-1, -1, -1]), table, L).item() == 0.0
+
+
+def test_write_loss_trains_the_write_of_the_key_segment_only():
+    """Its gradient reaches what writes the evidence segment's memory (the backbone, the compression)
+    and nothing that acts only after it: with the key in segment 0 there is no search yet, so W_q,
+    W_k and T get none; and a few steps make that memory name the key's first digit."""
+    from hmt.training import training_loss
+
+    torch.manual_seed(0)
+    backbone = recall.tiny_llama(vocab_size=64, hidden_size=32, layers=1, heads=2)
+    model = hmt.HMT(backbone, hmt.HMTConfig(segment_length=16, sensory_memory_size=4, num_memory_embeddings=8,
+                                            memory_compression="identity"))
+    batch = recall.make_batch(TASK, 8, 3, seed=0).training_batch(16)
+    loss, out, terms = training_loss(model, batch, write_loss_weight=1.0)
+    assert set(terms) == {"write_loss"} and loss.item() == pytest.approx(out.loss.item() + terms["write_loss"].item())
+    model.zero_grad()
+    terms["write_loss"].backward()
+    assert model.memory_generator.compression.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    for param in (model.memory_search.query.weight, model.memory_search.key.weight,
+                  model.representation_encoder.summary_prompt):
+        assert param.grad is None or param.grad.abs().sum() == 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = terms["write_loss"].item()
+    for _ in range(30):
+        _, _, terms = training_loss(model, batch, write_loss_weight=1.0)
+        optimizer.zero_grad()
+        terms["write_loss"].backward()
+        optimizer.step()
+    assert terms["write_loss"].item() < 0.1 * first, (first, terms["write_loss"].item())
+
+
 # ------------------------------------------------------------------ the memory learns
 # A CI-sized probe (about 30 s on one CPU thread): a 1-digit key in a random segment, a tiny Llama
 # (d=32, 2 layers) trained from scratch at distances 1-3 for 600 steps with memories at the token

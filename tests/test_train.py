@@ -341,6 +341,7 @@ def test_task_evidence_positions_and_mixture(tmp_path, backbone_dir):
     items = QADataset([example], tokenizer, context_template="{context}", prompt_template=" {prompt}",
                       answer_template=" {answer}", progress=False)
     assert int(items[0]["evidence_position"]) == 30 and int(items[0]["input_ids"][30]) == 33
+    assert int(items[0]["answer_token"]) == 6  # the answer's first non-blank token: the write loss's target
     cut = QADataset([example], tokenizer, context_template="{context}", prompt_template=" {prompt}",
                     answer_template=" {answer}", max_length=24, progress=False)  # middle truncation keeps w33
     position = int(cut[0]["evidence_position"])
@@ -355,6 +356,7 @@ def test_task_evidence_positions_and_mixture(tmp_path, backbone_dir):
     assert len(mixed) == 40 and kinds.count(False) == 10
     batch = pad_collate([mixed[i] for i in range(4)])
     assert batch["evidence_position"].tolist().count(-1) == 1
+    assert batch["answer_token"].tolist().count(-1) == 1 and batch["answer_token"].tolist().count(6) == 3
 
 
 def passkey_rows(count: int, seed: int = 0):
@@ -401,6 +403,43 @@ def test_supervised_retrieval_loss_trains_the_search_onto_the_evidence(tmp_path,
     supervised, unsupervised = evidence_loss(1.0), evidence_loss(0.0)
     # 3 memories to choose from: about log 3 = 1.1 without supervision (0.45 against 1.15 when written)
     assert supervised < 0.6 * unsupervised, (supervised, unsupervised)
+
+
+def test_write_loss_makes_the_evidence_memory_name_the_answer(tmp_path, backbone_dir):
+    """With write_loss_weight the memory that the key's segment writes, read as a token, names the
+    key; without it (same seed, steps, data) it does not. The run logs write_loss."""
+    from transformers import AutoTokenizer
+
+    from hmt.data import QADataset, QAExample, pad_collate
+    from hmt.training import write_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
+    path = tmp_path / "keys.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in passkey_rows(48)))
+    probe = QADataset([QAExample(context=r["context"], prompt=r["question"], answer=r["answer"], evidence=r["evidence"])
+                       for r in passkey_rows(8, seed=1)], tokenizer, progress=False)
+    batch = pad_collate([probe[i] for i in range(len(probe))])
+
+    def held_out_write_loss(weight: float) -> float:
+        config = tiny_config(tmp_path / f"run{weight}", task="qa", data=str(path), data_options={"name_field": "id"},
+                             split_fractions=[0.9, 0.1, 0.0], steps=60, batch_size=4, lr=1e-2, hmt_lr=3e-2, decay="constant",
+                             hmt=dict(segment_length=L, sensory_memory_size=2, num_memory_embeddings=4,
+                                      memory_compression="embedding"),  # as the shipped SmolLM2 adapter
+                             write_loss_weight=weight, eval_every=100, save_every=100, log_every=20)
+        result = train(config, backbone=tiny_backbone(), tokenizer=tokenizer)
+        logged = [json.loads(line) for line in (tmp_path / f"run{weight}" / "metrics.jsonl").read_text().splitlines()]
+        assert any("write_loss" in record for record in logged) == (weight > 0)
+        model = HMT.from_pretrained(tiny_backbone(), result.final_dir)
+        with torch.no_grad():
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        memory_state=model.new_memory(len(probe)), return_logits=False)
+            return float(write_loss(out, batch["evidence_position"], batch["answer_token"],
+                                    model.embedding_layer.weight, L))
+
+    supervised, unsupervised = held_out_write_loss(1.0), held_out_write_loss(0.0)
+    # The tiny backbone's embeddings are small (|e| ~ 0.1), so the softmax over m . E sharpens slowly:
+    # 4.42 against 4.84 (ln V) after 60 steps; the write loss's learning is tested in test_memory_recall.
+    assert supervised < unsupervised - 0.25, (supervised, unsupervised)
 
 
 def test_a_run_removes_only_the_checkpoint_files_it_wrote(tmp_path):

@@ -121,7 +121,7 @@ class RecallBatch:
     def training_batch(self, segment_length: int) -> dict:
         """The batch as :func:`hmt.training.training_loss` takes it (the evidence by its first token)."""
         return {"input_ids": self.input_ids, "labels": self.labels,
-                "evidence_position": self.evidence_segments * segment_length}
+                "evidence_position": self.evidence_segments * segment_length, "answer_token": self.answers[:, 0]}
 
 
 def make_batch(
@@ -269,6 +269,8 @@ class RecallTrainConfig:
         sparse_bptt: evidence-sparse BPTT (``forward``'s ``grad_segments``): only the evidence and
             query segments run with autograd. With a random key position the position is drawn
             per batch (one for all its rows), so the batch shares those two segments.
+        write_loss_weight: weight of :func:`hmt.training.write_loss` (the key segment's memory,
+            read as a token, names the key's first digit); 0: off. Ignored for the baselines.
     """
 
     steps: int = 600
@@ -290,6 +292,7 @@ class RecallTrainConfig:
     digit_curriculum_fraction: float = 0.5
     sparse_bptt: bool = False
     sparse_negatives: int = 0
+    write_loss_weight: float = 0.0
 
 
 def train_recall(
@@ -303,10 +306,10 @@ def train_recall(
 
     Each step draws a distance (see :class:`RecallTrainConfig`), a batch of that distance from a
     seeded stream, and minimises the answer-token loss plus ``retrieval_loss_weight`` times
-    :func:`retrieval_loss` (when the model searches). Every call starts from an empty memory.
+    :func:`retrieval_loss` (when the model searches) and ``write_loss_weight`` times the write loss. Every call starts from an empty memory.
 
     Returns:
-        a list of per-step dicts ``{step, distance, loss, lm_loss, retrieval_loss, seconds}``.
+        a list of per-step dicts ``{step, distance, loss, lm_loss, retrieval_loss, write_loss, seconds}``.
     """
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -332,14 +335,17 @@ def train_recall(
         if evidence_segment is None and config.sparse_bptt:  # one position for the batch: its rows share two segments
             evidence_segment = int(torch.randint(0, distance + 1, (), generator=gen))
         batch = make_batch(step_task, config.batch_size, distance, gen, evidence_segment)
-        loss, out, r_loss = training_loss(
+        loss, out, terms = training_loss(
             model, batch.training_batch(task.segment_length), use_memory=config.use_memory,
             bptt_depth=config.detach_every, sparse_bptt=config.sparse_bptt, sparse_negatives=config.sparse_negatives,
-            retrieval_loss_weight=config.retrieval_loss_weight if searching else 0.0, return_logits=True)
+            retrieval_loss_weight=config.retrieval_loss_weight if searching else 0.0,
+            write_loss_weight=config.write_loss_weight if config.use_memory is True else 0.0, return_logits=True)
+        r_loss = terms.get("retrieval_loss")
         loss.backward()
         optimizer_step(optimizer, scheduler, params, config.grad_clip)
         record = {"step": step + 1, "distance": distance, "digits": step_task.num_digits, "loss": loss.item(),
                   "lm_loss": out.loss.item(), "retrieval_loss": None if r_loss is None else r_loss.item(),
+                  "write_loss": terms["write_loss"].item() if "write_loss" in terms else None,
                   "seconds": time.perf_counter() - start}
         history.append(record)
         if log is not None and (step + 1) % log_every == 0:

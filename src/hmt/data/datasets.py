@@ -174,6 +174,9 @@ class QADataset(Dataset):
     token where that passage begins (the rules for a passage found twice or beginning inside
     a token: :func:`_place_evidence`); ``evidence_problems[i]`` says why item i has none
     (e.g. ``"not found in the context"``, ``"cut away by max_length"``; ``""`` where it has one).
+    Such items also hold ``answer_token``, the answer's first token that is not blank
+    (``answer_tokens[i]``, -1 for none): the target of the write loss
+    (:func:`hmt.training.write_loss`).
     """
 
     def __init__(
@@ -199,12 +202,14 @@ class QADataset(Dataset):
         self.answer_starts: List[int] = []
         self.evidence_positions: List[int] = []
         self.evidence_problems: List[str] = []  # why an example's evidence has no position ("" where it has one)
+        self.answer_tokens: List[int] = []  # the answer's first non-blank token (-1: none), the write loss's target
         for ex in tqdm(self.examples, desc="tokenising tasks", unit="ex", disable=not progress, dynamic_ncols=True):
             fields = {"context": ex.context, "prompt": ex.prompt, "answer": ex.answer}
             c, p, a = encode_batch(
                 tokenizer,
                 [context_template.format(**fields), prompt_template.format(**fields), answer_template.format(**fields)],
             )
+            self.answer_tokens.append(next((int(t) for t in a if tokenizer.decode([int(t)]).strip()), -1))
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
@@ -235,6 +240,7 @@ class QADataset(Dataset):
         item = {"input_ids": ids, "labels": labels}
         if self.evidence_positions[i] >= 0:
             item["evidence_position"] = torch.tensor(self.evidence_positions[i])
+            item["answer_token"] = torch.tensor(self.answer_tokens[i])
         return item
 
 
@@ -337,4 +343,6 @@ def pad_collate(batch: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0)
     batch_out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if any("evidence_position" in item for item in batch):  # -1: no known evidence
         batch_out["evidence_position"] = torch.tensor([int(item.get("evidence_position", -1)) for item in batch])
+    if any("answer_token" in item for item in batch):  # -1: none
+        batch_out["answer_token"] = torch.tensor([int(item.get("answer_token", -1)) for item in batch])
     return batch_out

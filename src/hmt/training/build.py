@@ -125,14 +125,16 @@ def without_effect(config: TrainConfig) -> list[str]:
         notes.append("mix_data_options has no effect without mix_data")
     if config.task == "documents" and config.qa_options:
         notes.append("qa_options has no effect with task: documents (they are for task: qa)")
-    if config.task == "documents" and config.retrieval_loss_weight > 0:
-        notes.append(f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect with task: documents "
-                     "(language-model windows name no evidence); it supervises task: qa examples with an evidence field")
+    for name in ("retrieval_loss_weight", "write_loss_weight"):
+        if config.task == "documents" and getattr(config, name) > 0:
+            notes.append(f"{name}: {getattr(config, name)} has no effect with task: documents "
+                         "(language-model windows name no evidence); it supervises task: qa examples with an evidence field")
     return notes
 
 
-def evidence_report(train_data, hmt_config: HMTConfig) -> list[str]:
-    """Check that the supervised retrieval loss has task examples to act on.
+def evidence_report(train_data, hmt_config: HMTConfig, weight: str = "retrieval_loss_weight") -> list[str]:
+    """Check that the supervised retrieval loss (or the write loss: ``weight`` names the setting
+    that asks for it) has task examples to act on.
 
     An example's evidence is placed when its passage is found in the (truncated) context
     (:class:`hmt.data.QADataset`) and the memory of the evidence's segment ``e`` is in the cache
@@ -149,7 +151,7 @@ def evidence_report(train_data, hmt_config: HMTConfig) -> list[str]:
     problems: dict = {}  # reason -> names of the examples
     for example, position, problem, answer in zip(tasks.examples, tasks.evidence_positions, tasks.evidence_problems,
                                                   tasks.answer_starts):
-        if position >= 0:
+        if position >= 0 and weight == "retrieval_loss_weight":  # the write loss needs no search, only the memory
             evidence, query = position // L, max(answer - 1, 0) // L
             if evidence >= query:
                 problem = "in the answer's own segment (its memory is written after the search)"
@@ -164,11 +166,12 @@ def evidence_report(train_data, hmt_config: HMTConfig) -> list[str]:
                        for reason, names in sorted(problems.items(), key=lambda item: -len(item[1])))
     if missing == len(tasks):
         raise ValueError(
-            f"retrieval_loss_weight > 0, but no training example's evidence can be placed ({detail}). Give rows an "
+            f"{weight} > 0, but no training example's evidence can be placed ({detail}). Give rows an "
             "'evidence' field holding a passage of their context (data_options.evidence_field names another), or set "
-            "retrieval_loss_weight: 0."
+            f"{weight}: 0."
         )
-    return [f"the retrieval loss skips {missing} of {len(tasks)} training examples whose evidence cannot be placed: "
+    loss = weight.removesuffix("_weight").replace("_", " ")
+    return [f"the {loss} skips {missing} of {len(tasks)} training examples whose evidence cannot be placed: "
             f"{detail}"]
 
 

@@ -71,6 +71,14 @@ class TrainConfig:
                           "examples' evidence cannot be placed and refuses when none can.",
                   "min": 0},
     )
+    write_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the write loss: on task examples whose evidence is known, the memory the "
+                          "evidence's segment wrote, read as a token (softmax of m . E over the input embeddings), "
+                          "must name the answer's first non-blank token. It makes the memory token-like for what "
+                          "the answer needs, which SmolLM2 could then read within a few hundred examples (1.0 in "
+                          "benchmarks/recall_read.py). Logged as write_loss.", "min": 0},
+    )
     data_options: dict = field(default_factory=dict, metadata={
         "help": "Options for hmt.data.load_documents (task 'documents') or hmt.data.load_qa_examples (task 'qa')."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)

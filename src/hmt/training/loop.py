@@ -80,8 +80,9 @@ def train(
     if config.retrieval_loss_weight > 0 and not model.config.use_retrieval:
         _warn(accelerator, f"retrieval_loss_weight: {config.retrieval_loss_weight} has no effect: this stage runs with "
                            "retrieval off (hmt.use_retrieval: false), so there is no memory search to supervise")
-    if supervise_retrieval:
-        for note in evidence_report(train_data, model.config):
+    supervise_write = config.write_loss_weight > 0 and config.use_memory is True and not (own_data and config.task == "documents")
+    if supervise_retrieval or supervise_write:
+        for note in evidence_report(train_data, model.config, "retrieval_loss_weight" if supervise_retrieval else "write_loss_weight"):
             _warn(accelerator, note)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(model, lr_lambda(config), config.lr, config.hmt_lr, config.weight_decay)
@@ -130,7 +131,7 @@ def train(
                 interrupted = True
                 break
             order = batch_order(len(train_data), step, global_batch, config.seed)
-            losses, retrieval_losses = [], []
+            losses, aux_losses = [], {}
             for micro in range(config.grad_accum):
                 base = micro * config.batch_size * world + rank * config.batch_size
                 items = [train_data[i] for i in order[base : base + config.batch_size]]
@@ -141,13 +142,14 @@ def train(
                     batch = {k: v.pin_memory().to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 else:
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                loss, out, retrieval = training_loss(
+                loss, out, terms = training_loss(
                     model, batch, use_memory=config.use_memory, bptt_depth=config.bptt_depth,
                     gradient_checkpointing=config.gradient_checkpointing, sparse_bptt=config.sparse_bptt, sparse_negatives=config.sparse_negatives,
                     retrieval_loss_weight=config.retrieval_loss_weight if supervise_retrieval else 0.0,
+                    write_loss_weight=config.write_loss_weight if supervise_write else 0.0,
                     forward=wrapped, autocast=accelerator.autocast)
-                if supervise_retrieval:
-                    retrieval_losses.append(retrieval.detach())
+                for name, value in terms.items():
+                    aux_losses.setdefault(name, []).append(value.detach())
                 loss = loss / config.grad_accum
                 if config.grad_accum > 1 and micro < config.grad_accum - 1:
                     with accelerator.no_sync(wrapped):
@@ -161,7 +163,7 @@ def train(
             step += 1
             # Loss, norm and token count stay on the device until a step that logs: reading
             # them back every step would make the host wait for the GPU each time.
-            extra = {"retrieval_loss": accelerator.reduce(torch.stack(retrieval_losses).mean(), "mean")} if supervise_retrieval else {}
+            extra = {name: accelerator.reduce(torch.stack(values).mean(), "mean") for name, values in aux_losses.items()}
             pending.append((step, accelerator.reduce(torch.stack(losses).mean(), "mean"), grad_norm,
                             scheduler.get_last_lr()[0], extra))
             evaluating = bool(eval_data) and (step % config.eval_every == 0 or step == config.steps)
@@ -175,7 +177,7 @@ def train(
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
                 record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            **{k: f"{record[k]:.3f}" for k in ("retrieval_loss",) if k in record},
+                            **{k: f"{record[k]:.3f}" for k in ("retrieval_loss", "write_loss") if k in record},
                             **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:

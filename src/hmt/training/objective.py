@@ -14,14 +14,17 @@ from ..model import HMT
 
 def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = True, bptt_depth: Optional[int] = None,
                   gradient_checkpointing: bool = False, sparse_bptt: bool = False, sparse_negatives: int = 0,
-                  retrieval_loss_weight: float = 0.0,
+                  retrieval_loss_weight: float = 0.0, write_loss_weight: float = 0.0,
                   return_logits: bool = False, forward: Optional[Callable] = None, autocast: Callable = contextlib.nullcontext):
     """The loss one batch trains on: ``model``'s next-token loss over ``batch`` (``input_ids``,
-    ``labels``, optionally ``attention_mask`` and ``evidence_position``), each row from an empty
-    memory, plus ``retrieval_loss_weight`` times :func:`supervised_retrieval_loss` (0 for a batch
-    without evidence positions; nothing at weight 0). ``forward``: the module that runs the model
-    (its DDP/FSDP wrapper; default ``model``), inside ``autocast()``. ``sparse_bptt``: see
-    :func:`sparse_bptt_segments` (``sparse_negatives`` more segments drawn from the global RNG). Returns ``(loss, the forward's output, the retrieval term or None)``."""
+    ``labels``, optionally ``attention_mask``, ``evidence_position`` and ``answer_token``), each row
+    from an empty memory, plus ``retrieval_loss_weight`` times :func:`supervised_retrieval_loss` and
+    ``write_loss_weight`` times :func:`write_loss` (each 0 for a batch without what it needs;
+    nothing at weight 0). ``forward``: the module that runs the model (its DDP/FSDP wrapper;
+    default ``model``), inside ``autocast()``. ``sparse_bptt``: see :func:`sparse_bptt_segments`
+    (``sparse_negatives`` more segments drawn from the global RNG). Returns ``(loss, the forward's
+    output, terms)``: ``terms`` maps ``"retrieval_loss"`` and ``"write_loss"`` to their unweighted
+    values, for the terms whose weight is above 0."""
     L = model.config.segment_length
     with autocast():
         out = (forward or model)(
@@ -30,12 +33,41 @@ def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = Tru
             return_logits=return_logits, detach_every=bptt_depth, checkpoint_segments=gradient_checkpointing,
             grad_segments=sparse_bptt_segments(batch, L, sparse_negatives) if sparse_bptt else None,
         )
-    loss, retrieval = out.loss, None
+    loss, terms = out.loss, {}
     if retrieval_loss_weight > 0:  # 0 for a batch without placed evidence (e.g. mixed-in windows)
-        retrieval = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"], L)
-                     if "evidence_position" in batch else out.loss.new_zeros(()))
-        loss = loss + retrieval_loss_weight * retrieval
-    return loss, out, retrieval
+        terms["retrieval_loss"] = (supervised_retrieval_loss(out, batch["evidence_position"], batch["labels"], L)
+                                   if "evidence_position" in batch else out.loss.new_zeros(()))
+        loss = loss + retrieval_loss_weight * terms["retrieval_loss"]
+    if write_loss_weight > 0:
+        terms["write_loss"] = (write_loss(out, batch["evidence_position"], batch["answer_token"],
+                                          model.embedding_layer.weight, L)
+                               if "evidence_position" in batch and "answer_token" in batch else out.loss.new_zeros(()))
+        loss = loss + write_loss_weight * terms["write_loss"]
+    return loss, out, terms
+
+
+def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tensor, embeddings: torch.Tensor,
+               segment_length: int) -> torch.Tensor:
+    """The write loss: the memory that the evidence's segment wrote, read as a token, names the answer.
+
+    A memory m enters later segments as an input embedding, so it is read like a token; this term
+    asks that token to be the answer's: the softmax of ``m . E`` over the input embeddings ``E``
+    (``embeddings (V, d)``), cross-entropy against ``answer_tokens[b]`` (the answer's first
+    non-blank token), where m is ``out.memory_embeddings[b, evidence_positions[b] // L]``. Without
+    it SmolLM2's memories of different passkeys stayed 99.7% alike and its answer at chance
+    (benchmarks/README.md, "Write or read?"). Rows with -1 for either, or whose evidence lies
+    past this call's segments, are left out; 0 (no gradient) when no row is left.
+    """
+    memories = out.memory_embeddings
+    if memories is None:
+        raise ValueError("write_loss needs an output of a forward with memory (use_memory=True).")
+    segments = torch.div(evidence_positions, segment_length, rounding_mode="floor")
+    keep = (evidence_positions >= 0) & (answer_tokens >= 0) & (segments < memories.shape[1])
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return memories.new_zeros((), dtype=torch.float32)
+    written = memories[rows, segments[rows]].float()  # (R, d)
+    return torch.nn.functional.cross_entropy(written @ embeddings.float().T, answer_tokens[rows])
 
 
 def sparse_bptt_segments(batch: dict, segment_length: int, negatives: int = 0,
