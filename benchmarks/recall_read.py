@@ -15,7 +15,9 @@ accuracy 0.10), so a read that starts to work shows as digit 1 leaving chance fi
 
 ``--write-loss W`` adds an auxiliary loss on the write: m_0 enters segment 2 as an input
 embedding, so it is read as a token, ``softmax(m_0 . E)`` over the input embeddings E, which must
-pick the key's first digit (``--write-target first``) or one of its digits (``bag``). Every
+pick the key's first digit (``--write-target first``) or one of its digits (``bag``); or
+(``sequence``) the backbone, given nothing but ``[sink] [m_0]``, must spell the key, teacher-forced
+(an autoencoder whose decoder is the read itself, a few tokens long). Every
 evaluation logs that read-out's loss and accuracy and how alike the memories of different keys
 are (``memory_cosine``).
 
@@ -55,8 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--write-loss", type=float, default=0.0,
                         help="weight of an auxiliary loss on the key segment's memory m_0 read as a token: the "
                              "softmax of m_0 . E (E: the input embeddings) must pick the key's first digit "
-                             "(--write-target first) or its digits (bag); default 0: none")
-    parser.add_argument("--write-target", choices=["first", "bag"], default="first",
+                             "(--write-target first) or its digits (bag), or the backbone must spell the key from "
+                             "m_0 alone (sequence); default 0: none")
+    parser.add_argument("--write-target", choices=["first", "bag", "sequence"], default="first",
                         help="what the write loss asks m_0 to look like (default: the key's first digit)")
     parser.add_argument("--eval-every", type=positive_int, default=40)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
@@ -130,6 +133,19 @@ def write_scores(memory: torch.Tensor, table: torch.Tensor, labels: torch.Tensor
     return -log_p.gather(1, keys).mean(1), (top[:, None] == keys).any(1).float()
 
 
+def spelling_scores(model, memory: torch.Tensor, labels: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``sequence`` write loss ``(B,)`` and its hit ``(B,)``: the backbone reads ``[sink] [m_0] [digits
+    so far]`` and must predict each of the key's digits; a hit when all are right."""
+    keys = labels[:, -digits:]
+    embed = model.embedding_layer
+    parts = [memory[:, None].to(embed.weight.dtype), embed(keys[:, :-1])]
+    if model.config.sink_token_id is not None:
+        parts.insert(0, embed(torch.full_like(keys[:, :1], model.config.sink_token_id)))
+    logits = model.backbone(inputs_embeds=torch.cat(parts, 1)).logits[:, -digits:].float()
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), keys, reduction="none").mean(1)
+    return loss, (logits.argmax(-1) == keys).all(1).float()
+
+
 def mean_cosine(memory: torch.Tensor) -> float:
     """Mean cosine similarity between the memories of different rows."""
     unit = torch.nn.functional.normalize(memory.float(), dim=-1)
@@ -171,10 +187,12 @@ def main(argv=None) -> None:
                 losses.append(loss)
                 hits.append(hit)
                 memories.append(out.memory_embeddings[:, 0])
-        model.train()
         loss, hit, memory = torch.cat(losses), torch.cat(hits), torch.cat(memories)
         labels = torch.cat([labels for _, labels in held_out])
-        write_loss, write_hit = write_scores(memory, table, labels, args.digits, args.write_target)
+        with torch.no_grad():
+            write_loss, write_hit = (spelling_scores(model, memory, labels, args.digits) if args.write_target == "sequence"
+                                     else write_scores(memory, table, labels, args.digits, args.write_target))
+        model.train()
         point = {"step": step, "examples": step * args.batch_size, "elapsed_s": round(elapsed),
                  "loss_per_token": [round(x, 3) for x in loss.mean(0).tolist()],
                  "accuracy_per_token": [round(x, 3) for x in hit.mean(0).tolist()],
@@ -194,7 +212,9 @@ def main(argv=None) -> None:
         out = model(ids, labels=labels)
         loss = answer_scores(out.logits, labels)[0].mean()
         if args.write_loss:
-            write_loss, _ = write_scores(out.memory_embeddings[:, 0], table, labels, args.digits, args.write_target)
+            memory = out.memory_embeddings[:, 0]
+            write_loss, _ = (spelling_scores(model, memory, labels, args.digits) if args.write_target == "sequence"
+                             else write_scores(memory, table, labels, args.digits, args.write_target))
             loss = loss + args.write_loss * write_loss.mean()
         optimizer.zero_grad()
         loss.backward()

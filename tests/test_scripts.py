@@ -139,3 +139,27 @@ def test_recall_read_write_loss_reads_the_memory_as_a_token():
     assert bag[1].tolist() == [1.0, 1.0]
     assert module.mean_cosine(torch.ones(4, 8)) == pytest.approx(1.0)
     assert module.mean_cosine(torch.eye(4)) == pytest.approx(0.0)
+
+
+def test_recall_read_spelling_loss_reads_the_memory_through_the_backbone():
+    """The ``sequence`` write loss feeds ``[sink] [m_0] [digits so far]`` to the backbone: its logits
+    decide the loss, and a backbone that copies the previous input spells nothing right."""
+    import torch
+
+    module = script("benchmarks/recall_read.py")
+
+    class Backbone(torch.nn.Module):
+        def forward(self, inputs_embeds):
+            self.seen = inputs_embeds
+            return type("Out", (), {"logits": inputs_embeds @ table.T})()
+
+    table = torch.eye(12)
+    model = type("Model", (), {})()
+    model.embedding_layer = torch.nn.Embedding.from_pretrained(table)
+    model.backbone = Backbone()
+    model.config = type("Config", (), {"sink_token_id": 0})()
+    labels = torch.tensor([[-100, 1, 3, 4, 5], [-100, 1, 7, 8, 9]])
+    memory = 5 * table[[3, 7]]  # each position predicts what it reads, so only the first digit is right
+    loss, hit = module.spelling_scores(model, memory, labels, 3)
+    assert model.backbone.seen.shape == (2, 4, 12) and torch.equal(model.backbone.seen[:, 0], table[[0, 0]])
+    assert hit.tolist() == [0.0, 0.0] and loss.shape == (2,)
