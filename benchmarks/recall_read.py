@@ -17,7 +17,8 @@ accuracy 0.10), so a read that starts to work shows as digit 1 leaving chance fi
 embedding, so it is read as a token, ``softmax(m_0 . E)`` over the input embeddings E, which must
 pick the key's first digit (``--write-target first``) or one of its digits (``bag``); or
 (``sequence``) the backbone, given nothing but ``[sink] [m_0]``, must spell the key, teacher-forced
-(an autoencoder whose decoder is the read itself, a few tokens long). Every
+(an autoencoder whose decoder is the read itself, a few tokens long); ``first+sequence`` adds
+the two. Every
 evaluation logs that read-out's loss and accuracy and how alike the memories of different keys
 are (``memory_cosine``).
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
                              "softmax of m_0 . E (E: the input embeddings) must pick the key's first digit "
                              "(--write-target first) or its digits (bag), or the backbone must spell the key from "
                              "m_0 alone (sequence); default 0: none")
-    parser.add_argument("--write-target", choices=["first", "bag", "sequence"], default="first",
+    parser.add_argument("--write-target", choices=["first", "bag", "sequence", "first+sequence"], default="first",
                         help="what the write loss asks m_0 to look like (default: the key's first digit)")
     parser.add_argument("--eval-every", type=positive_int, default=40)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
@@ -146,6 +147,18 @@ def spelling_scores(model, memory: torch.Tensor, labels: torch.Tensor, digits: i
     return loss, (logits.argmax(-1) == keys).all(1).float()
 
 
+def write_terms(model, memory, table, labels, digits: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The write loss ``(B,)`` and hit ``(B,)`` of ``--write-target`` (for ``first+sequence``: the sum of
+    the two losses, the spelling's hit)."""
+    if target == "sequence":
+        return spelling_scores(model, memory, labels, digits)
+    if target == "first+sequence":
+        first, _ = write_scores(memory, table, labels, digits, "first")
+        spelled, hit = spelling_scores(model, memory, labels, digits)
+        return first + spelled, hit
+    return write_scores(memory, table, labels, digits, target)
+
+
 def mean_cosine(memory: torch.Tensor) -> float:
     """Mean cosine similarity between the memories of different rows."""
     unit = torch.nn.functional.normalize(memory.float(), dim=-1)
@@ -190,8 +203,7 @@ def main(argv=None) -> None:
         loss, hit, memory = torch.cat(losses), torch.cat(hits), torch.cat(memories)
         labels = torch.cat([labels for _, labels in held_out])
         with torch.no_grad():
-            write_loss, write_hit = (spelling_scores(model, memory, labels, args.digits) if args.write_target == "sequence"
-                                     else write_scores(memory, table, labels, args.digits, args.write_target))
+            write_loss, write_hit = write_terms(model, memory, table, labels, args.digits, args.write_target)
         model.train()
         point = {"step": step, "examples": step * args.batch_size, "elapsed_s": round(elapsed),
                  "loss_per_token": [round(x, 3) for x in loss.mean(0).tolist()],
@@ -213,8 +225,7 @@ def main(argv=None) -> None:
         loss = answer_scores(out.logits, labels)[0].mean()
         if args.write_loss:
             memory = out.memory_embeddings[:, 0]
-            write_loss, _ = (spelling_scores(model, memory, labels, args.digits) if args.write_target == "sequence"
-                             else write_scores(memory, table, labels, args.digits, args.write_target))
+            write_loss, _ = write_terms(model, memory, table, labels, args.digits, args.write_target)
             loss = loss + args.write_loss * write_loss.mean()
         optimizer.zero_grad()
         loss.backward()
