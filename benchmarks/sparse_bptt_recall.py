@@ -11,6 +11,11 @@ per batch, ``sparse_negatives``). Accuracy is exact, 200 fresh examples per dist
 
     python benchmarks/sparse_bptt_recall.py --json benchmarks/results/sparse_bptt_recall_cpu.json
     python benchmarks/sparse_bptt_recall.py --modes sparse_neg2 --seeds 0 1 2 3 4 --max-distance 4 --steps 1000
+    python benchmarks/sparse_bptt_recall.py --modes sparse sparse_neg2 --seeds 0 1 2 3 4 --max-distance 4 \
+        --steps 1000 --write-loss 1
+
+``--write-loss`` adds the write loss (``RecallTrainConfig.write_loss_weight``): the key segment's
+memory, read as a token, must name the key.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def mode_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected full, sparse or sparse_negN (N other segments with autograd), got {value!r}")
 
 
-def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
+def run(mode: str, seed: int, steps: int, max_distance: int, write_loss: float = 0.0) -> dict:
     torch.manual_seed(seed)
     backbone = recall.tiny_llama(vocab_size=TASK.vocab_size, hidden_size=32, layers=2, heads=2, seed=seed)
     model = hmt.HMT(backbone, hmt.HMTConfig(segment_length=16, sensory_memory_size=4, num_memory_embeddings=160,
@@ -55,7 +60,7 @@ def run(mode: str, seed: int, steps: int, max_distance: int) -> dict:
     config = recall.RecallTrainConfig(steps=steps, batch_size=16, distances=distances, curriculum=True,
                                       curriculum_fraction=0.3, lr=3e-3, warmup_steps=20, seed=seed,
                                       evidence_segment=None, sparse_bptt=mode.startswith("sparse"),
-                                      sparse_negatives=negatives(mode))
+                                      sparse_negatives=negatives(mode), write_loss_weight=write_loss)
     start = time.perf_counter()
     history = recall.train_recall(model, TASK, config)
     train_s = time.perf_counter() - start
@@ -70,15 +75,20 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=positive_int, default=600)
     parser.add_argument("--max-distance", type=positive_int, default=16, help="largest training distance (segments)")
     parser.add_argument("--modes", type=mode_name, nargs="+", default=["full", "sparse", "sparse_neg2"])
+    parser.add_argument("--write-loss", type=float, default=0.0,
+                        help="write_loss_weight: the key segment's memory, read as a token, must name the key")
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
     check_output_file(parser, args.json, "--json", args.overwrite)
+    if args.write_loss < 0:
+        parser.error(f"--write-loss must be 0 or more, not {args.write_loss}")
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
         for mode in args.modes:
-            row = dict(run(mode, seed, args.steps, args.max_distance), mode=mode, seed=seed)
+            row = dict(run(mode, seed, args.steps, args.max_distance, args.write_loss), mode=mode, seed=seed,
+                       write_loss=args.write_loss)
             rows.append(row)
             print(row, flush=True)
             write_json(args.json, {"command": "python benchmarks/sparse_bptt_recall.py " + " ".join(argv if argv is not None else sys.argv[1:]),

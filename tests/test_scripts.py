@@ -69,6 +69,7 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/recall_read.py", ["--write-loss", "-1"], "--write-loss must be 0 or more"),
     ("benchmarks/memory_content.py", ["--segments", "4"], "--segments must be at least 8"),
     ("benchmarks/read_fixed_write.py", ["--write", "perfect"], "argument --write"),
+    ("benchmarks/sparse_bptt_recall.py", ["--write-loss", "-1"], "--write-loss must be 0 or more"),
     ("benchmarks/read_fixed_write.py", ["--hmt", "[1]"], "--hmt must be a JSON object"),
     ("benchmarks/read_fixed_write.py", ["--steps", "0"], "argument --steps"),
 ])
