@@ -6,6 +6,8 @@ only the read, the adapter's LoRA, is trained, on the two-segment task's answer 
 ``[sink?] [P] [sensory: the last k tokens of segment 1] [filler, question] [answer]``. P is one of
 
 * ``oracle``: the key's first digit as its own token embedding (a perfect write of digit 1);
+* ``oracle-all``: every digit of the key as its own token embedding, one memory token per digit
+  (what several memory tokens per segment, each written like ``oracle``, would hand the read);
 * ``real``: the memory m_0 that the adapter writes for the key segment;
 * ``white``: m_0 centred over the training keys and rescaled to a centred token embedding's
   norm (the write's key-dependent part, at the scale of a token).
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--init-from", default="smollm2-135m", help="adapter to start from (default: the shipped one)")
     parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON")
-    parser.add_argument("--write", choices=["oracle", "real", "white"], default="real", help="what P holds")
+    parser.add_argument("--write", choices=["oracle", "oracle-all", "real", "white"], default="real", help="what P holds")
     parser.add_argument("--sink", action="store_true", help="a sink token (id 0) before P")
     parser.add_argument("--steps", type=positive_int, default=100)
     parser.add_argument("--batch-size", type=positive_int, default=8)
@@ -94,6 +96,8 @@ def main(argv=None) -> None:
     def logits(ids, labels, memory):
         if args.write == "oracle":
             P = embed(labels[:, -5]).detach()  # the key's first digit (the answer is " " + 5 digits)
+        elif args.write == "oracle-all":
+            P = embed(labels[:, -5:]).detach()  # (B, 5, d): each digit its own memory token
         elif args.write == "real":
             P = memory
         else:
@@ -101,7 +105,8 @@ def main(argv=None) -> None:
             P = mean_token + centred / centred.norm(dim=-1, keepdim=True) * token_spread
         B = ids.shape[0]
         parts = [sink.expand(B, 1, -1)] if args.sink else []
-        parts += [P.to(embed.weight.dtype)[:, None], embed(ids[:, L - k : L]), embed(ids[:, L:])]
+        P = P if P.dim() == 3 else P[:, None]
+        parts += [P.to(embed.weight.dtype), embed(ids[:, L - k : L]), embed(ids[:, L:])]
         return model.backbone(inputs_embeds=torch.cat(parts, 1)).logits
 
     lora = [p for p in model.backbone.parameters() if p.requires_grad]
