@@ -209,7 +209,7 @@ class QADataset(Dataset):
                 tokenizer,
                 [context_template.format(**fields), prompt_template.format(**fields), answer_template.format(**fields)],
             )
-            self.answer_tokens.append(next((int(t) for t in a if tokenizer.decode([int(t)]).strip()), -1))
+            self.answer_tokens.append(_first_non_blank(tokenizer, a))
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
@@ -242,6 +242,16 @@ class QADataset(Dataset):
             item["evidence_position"] = torch.tensor(self.evidence_positions[i])
             item["answer_token"] = torch.tensor(self.answer_tokens[i])
         return item
+
+
+def _first_non_blank(tokenizer, tokens) -> int:
+    """The first of ``tokens`` whose text is not blank (the first token when the tokenizer cannot
+    decode; -1 when there is none)."""
+    decode = getattr(tokenizer, "decode", None)
+    for token in tokens:
+        if decode is None or decode([int(token)]).strip():
+            return int(token)
+    return -1
 
 
 def _kept_ranges(length: int, keep: int, side: str) -> List[Tuple[int, int]]:
