@@ -31,7 +31,7 @@ import torch
 
 from _common import add_json_argument, check_json, make_parser, positive_int, write_json
 from hmt.arguments import positive_float, run
-from recall_read import TwoSegmentTask, answer_scores
+from recall_read import TwoSegmentTask, answer_scores, hmt_overrides
 
 
 def parse_args(argv=None):
@@ -47,12 +47,7 @@ def parse_args(argv=None):
     add_json_argument(parser)
     args = parser.parse_args(argv)
     check_json(parser, args)
-    try:
-        args.hmt = json.loads(args.hmt)
-    except json.JSONDecodeError as err:
-        parser.error(f"--hmt must be a JSON object: {err}")
-    if not isinstance(args.hmt, dict):
-        parser.error("--hmt must be a JSON object")
+    args.hmt = hmt_overrides(parser, args.hmt)
     return args
 
 

@@ -72,13 +72,19 @@ def parse_args(argv=None):
         parser.error(f"--write-loss must be 0 or more, not {args.write_loss}")
     if args.save:
         check_output_dir(parser, args.save, "--save")
+    args.hmt = hmt_overrides(parser, args.hmt)
+    return args
+
+
+def hmt_overrides(parser, text: str) -> dict:
+    """``--hmt``'s JSON object, or the parser's one-line error."""
     try:
-        args.hmt = json.loads(args.hmt)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         parser.error(f"--hmt must be a JSON object: {err}")
-    if not isinstance(args.hmt, dict):
+    if not isinstance(value, dict):
         parser.error("--hmt must be a JSON object, e.g. '{\"sink_token_id\": 0}'")
-    return args
+    return value
 
 
 class TwoSegmentTask:
