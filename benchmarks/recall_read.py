@@ -22,6 +22,12 @@ the two. Every
 evaluation logs that read-out's loss and accuracy and how alike the memories of different keys
 are (``memory_cosine``).
 
+``--memory-tokens r`` (r > 1) tries an extension of HMT this task can test without the search: each
+segment writes r memory tokens (the last r positions of ``[sink] [P] [E] [P]``, P the r tokens it
+read, the first segment's P r learned vectors) and the next segment reads all r, ``[sink] [m_0]
+[sensory] [E]``. With the write loss, memory token i must pick the key's digit i (``first``: as
+one token per digit, the read-out that did not collapse with one memory token).
+
 Segment length 96 (k = 32 sensory tokens) makes an example about 130 tokens, about 1 s of
 training on 2 cores: a few thousand examples in 40 minutes. Adapters are segment-length agnostic
 (LoRA and HMT's parameters), so the lesson carries to the shipped 256-token segments.
@@ -62,6 +68,9 @@ def parse_args(argv=None):
                              "m_0 alone (sequence); default 0: none")
     parser.add_argument("--write-target", choices=["first", "bag", "sequence", "first+sequence"], default="first",
                         help="what the write loss asks m_0 to look like (default: the key's first digit)")
+    parser.add_argument("--memory-tokens", type=positive_int, default=1,
+                        help="memory tokens written and read per segment (default 1, HMT's); more than 1 runs the "
+                             "two segments with r memory tokens, outside HMT's forward (see the module's doc)")
     parser.add_argument("--eval-every", type=positive_int, default=40)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
     parser.add_argument("--save", default=None, help="save the trained adapter to this directory")
@@ -72,6 +81,10 @@ def parse_args(argv=None):
         parser.error(f"--write-loss must be 0 or more, not {args.write_loss}")
     if args.save:
         check_output_dir(parser, args.save, "--save")
+    if args.memory_tokens > 1 and args.write_target != "first":
+        parser.error("--memory-tokens above 1 takes --write-target first (memory token i names digit i)")
+    if args.memory_tokens > 1 and args.save:
+        parser.error("--save keeps HMT adapters, which have one memory token: leave it out with --memory-tokens")
     args.hmt = hmt_overrides(parser, args.hmt)
     return args
 
@@ -135,6 +148,10 @@ def write_scores(memory: torch.Tensor, table: torch.Tensor, labels: torch.Tensor
     keys = labels[:, -digits:]
     log_p = torch.log_softmax(memory.float() @ table.float().T, dim=-1)
     top = log_p.argmax(-1)
+    if memory.dim() == 3:  # r memory tokens: token i names digit i (those past the key name nothing)
+        n = min(memory.shape[1], digits)
+        loss = -log_p[:, :n].gather(2, keys[:, :n, None]).squeeze(2)
+        return loss.mean(1), (top[:, :n] == keys[:, :n]).float().mean(1)
     if target == "first":
         return -log_p.gather(1, keys[:, :1]).squeeze(1), (top == keys[:, 0]).float()
     return -log_p.gather(1, keys).mean(1), (top[:, None] == keys).any(1).float()
@@ -166,10 +183,40 @@ def write_terms(model, memory, table, labels, digits: int, target: str) -> tuple
 
 
 def mean_cosine(memory: torch.Tensor) -> float:
-    """Mean cosine similarity between the memories of different rows."""
-    unit = torch.nn.functional.normalize(memory.float(), dim=-1)
+    """Mean cosine similarity between the memories of different rows (r memory tokens: as one vector)."""
+    unit = torch.nn.functional.normalize(memory.float().flatten(1), dim=-1)
     n = unit.shape[0]
     return float(((unit @ unit.T).sum() - n) / (n * (n - 1)))
+
+
+class MultiTokenReader:
+    """The two segments with r memory tokens (see the module's doc): ``(ids, labels)`` -> the logits of
+    segment 2 and the memory ``(B, r, d)`` segment 1 wrote. With r = 1 it is HMT's own forward on this
+    task (a cache of one memory: the search returns it); ``tests/test_scripts.py`` checks that."""
+
+    def __init__(self, model, r: int, seed: int = 0):
+        self.model, self.r = model, r
+        initial = model.memory_search.initial_memory.detach()
+        spread = model.embedding_layer.weight.float().std(0)
+        noise = torch.randn(r, initial.shape[0], generator=torch.Generator().manual_seed(seed)) * spread
+        noise[0] = 0  # token 0 starts as HMT's initial memory; the others look like distinct tokens
+        self.initial = torch.nn.Parameter((initial.float() + noise).to(initial.dtype))
+
+    def __call__(self, ids: torch.Tensor):
+        import hmt.backbone as bb
+
+        model, config = self.model, self.model.config
+        L, k, B = config.segment_length, config.sensory_memory_size, ids.shape[0]
+        embed = model.embedding_layer
+        first, second = embed(ids[:, :L]), embed(ids[:, L:])
+        lead = [] if config.sink_token_id is None else [embed(torch.full((B, 1), config.sink_token_id))]
+        read = self.initial[None].expand(B, -1, -1)
+        hidden = bb.final_hidden(model.backbone, torch.cat(lead + [read, first, read], 1), None, None)
+        memory = torch.stack([model.memory_generator(hidden[:, i : i + 1], None, "cls")
+                              for i in range(hidden.shape[1] - self.r, hidden.shape[1])], 1)
+        sensory = first[:, L - k :] if k else first[:, :0]
+        hidden = bb.final_hidden(model.backbone, torch.cat(lead + [memory, sensory, second], 1), None, None)
+        return bb.lm_logits(model.backbone, hidden[:, -second.shape[1] :]), memory
 
 
 def main(argv=None) -> None:
@@ -189,6 +236,19 @@ def main(argv=None) -> None:
         raise SystemExit("--write-loss needs a tokenizer that writes a key as a space and one token per digit.")
     table = model.embedding_layer.weight
     groups = optimizer_groups(model, args.lr, args.hmt_lr)
+    reader = None
+    if args.memory_tokens > 1:
+        reader = MultiTokenReader(model, args.memory_tokens)
+        groups.append({"params": [reader.initial], "lr": args.hmt_lr})
+
+    def forward(ids, labels):
+        """Logits whose tail is the answer's, and the key segment's memory (``(B, d)``; r tokens: ``(B, r, d)``)."""
+        if reader is not None:
+            return reader(ids)
+        model.clear_memory()
+        out = model(ids, labels=labels)
+        return out.logits, out.memory_embeddings[:, 0]
+
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     trained = [p for group in groups for p in group["params"]]
     rng, eval_rng = random.Random(1), random.Random(12345)
@@ -200,12 +260,11 @@ def main(argv=None) -> None:
         losses, hits, memories = [], [], []
         with torch.no_grad():
             for ids, labels in held_out:
-                model.clear_memory()
-                out = model(ids, labels=labels)
-                loss, hit = answer_scores(out.logits, labels)
+                logits, memory = forward(ids, labels)
+                loss, hit = answer_scores(logits, labels)
                 losses.append(loss)
                 hits.append(hit)
-                memories.append(out.memory_embeddings[:, 0])
+                memories.append(memory)
         loss, hit, memory = torch.cat(losses), torch.cat(hits), torch.cat(memories)
         labels = torch.cat([labels for _, labels in held_out])
         with torch.no_grad():
@@ -226,11 +285,9 @@ def main(argv=None) -> None:
     while step < args.steps and time.perf_counter() - started < args.minutes * 60:
         step += 1
         ids, labels = task.batch(rng, args.batch_size)
-        model.clear_memory()
-        out = model(ids, labels=labels)
-        loss = answer_scores(out.logits, labels)[0].mean()
+        logits, memory = forward(ids, labels)
+        loss = answer_scores(logits, labels)[0].mean()
         if args.write_loss:
-            memory = out.memory_embeddings[:, 0]
             write_loss, _ = write_terms(model, memory, table, labels, args.digits, args.write_target)
             loss = loss + args.write_loss * write_loss.mean()
         optimizer.zero_grad()
@@ -248,6 +305,7 @@ def main(argv=None) -> None:
                            "init_from": args.init_from, "hmt": args.hmt, "batch_size": args.batch_size, "lr": args.lr,
                            "hmt_lr": args.hmt_lr, "gap": args.gap, "digits": args.digits,
                            "write_loss": args.write_loss, "write_target": args.write_target,
+                           "memory_tokens": args.memory_tokens,
                            "segment_length": model.config.segment_length,
                            "curve": curve})
 

@@ -164,3 +164,44 @@ def test_recall_read_spelling_loss_reads_the_memory_through_the_backbone():
     loss, hit = module.spelling_scores(model, memory, labels, 3)
     assert model.backbone.seen.shape == (2, 4, 12) and torch.equal(model.backbone.seen[:, 0], table[[0, 0]])
     assert hit.tolist() == [0.0, 0.0] and loss.shape == (2,)
+
+
+@pytest.mark.parametrize("sink", [None, 0])
+def test_recall_read_multi_token_reader_with_one_token_is_hmts_forward(sink):
+    """``--memory-tokens`` runs the two segments outside HMT's forward: with one memory token it must
+    give HMT's logits and memory (the search over a cache of one returns it), with a sink or without."""
+    import torch
+
+    from .conftest import make_backbone, randomize_memory_parameters
+    from hmt import HMT, HMTConfig
+
+    module = script("benchmarks/recall_read.py")
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=12, sensory_memory_size=4,
+                                                  memory_compression="embedding", sink_token_id=sink)).eval()
+    randomize_memory_parameters(model)
+    with torch.no_grad():  # an untrained 'embedding' compression maps every memory to its bias
+        model.memory_generator.compression.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(1, 100, (3, 20))
+    with torch.no_grad():
+        out = model(ids)
+        logits, memory = module.MultiTokenReader(model, 1)(ids)
+    torch.testing.assert_close(logits, out.logits[:, 12:])
+    torch.testing.assert_close(memory, out.memory_embeddings[:, :1])
+    with torch.no_grad():  # r tokens: r distinct memories, segment 2 reading r more positions
+        logits, memory = module.MultiTokenReader(model, 3)(ids)
+    assert logits.shape == out.logits[:, 12:].shape and memory.shape == (3, 3, memory.shape[-1])
+    assert not torch.allclose(memory[:, 0], memory[:, 1], atol=1e-3)
+
+
+def test_recall_read_write_loss_with_several_memory_tokens_names_one_digit_each():
+    import torch
+
+    module = script("benchmarks/recall_read.py")
+    table = torch.eye(20)
+    labels = torch.tensor([[-100, 0, 3, 4, 5], [-100, 0, 7, 8, 9]])
+    right = module.write_scores(6 * table[torch.tensor([[3, 4, 5], [7, 8, 9]])], table, labels, 3, "first")
+    shifted = module.write_scores(6 * table[torch.tensor([[4, 5, 3], [8, 9, 7]])], table, labels, 3, "first")
+    assert right[1].tolist() == [1.0, 1.0] and shifted[1].tolist() == [0.0, 0.0]
+    assert (right[0] < shifted[0]).all()
+    extra = module.write_scores(6 * table[torch.tensor([[3, 4, 5, 1], [7, 8, 9, 1]])], table, labels, 3, "first")
+    torch.testing.assert_close(extra[0], right[0])  # a token past the key's digits names nothing
