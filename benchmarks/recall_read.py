@@ -22,11 +22,10 @@ the two. Every
 evaluation logs that read-out's loss and accuracy and how alike the memories of different keys
 are (``memory_cosine``).
 
-``--memory-tokens r`` (r > 1) tries an extension of HMT this task can test without the search: each
-segment writes r memory tokens (the last r positions of ``[sink] [P] [E] [P]``, P the r tokens it
-read, the first segment's P r learned vectors) and the next segment reads all r, ``[sink] [m_0]
-[sensory] [E]``. With the write loss, memory token i must pick the key's digit i (``first``: as
-one token per digit, the read-out that did not collapse with one memory token).
+Several memory tokens per segment (``--hmt '{"memory_tokens": 5}'``, ``HMTConfig.memory_tokens``): with the
+write loss, memory token i must pick the key's digit i (``--write-target first``: one token per digit, the
+read-out that did not collapse with one memory token). ``"memory_write": "copy"`` writes each memory token as
+an attention over the segment's input embeddings instead of a final hidden state.
 
 Segment length 96 (k = 32 sensory tokens) makes an example about 130 tokens, about 1 s of
 training on 2 cores: a few thousand examples in 40 minutes. Adapters are segment-length agnostic
@@ -68,9 +67,6 @@ def parse_args(argv=None):
                              "m_0 alone (sequence); default 0: none")
     parser.add_argument("--write-target", choices=["first", "bag", "sequence", "first+sequence"], default="first",
                         help="what the write loss asks m_0 to look like (default: the key's first digit)")
-    parser.add_argument("--memory-tokens", type=positive_int, default=1,
-                        help="memory tokens written and read per segment (default 1, HMT's); more than 1 runs the "
-                             "two segments with r memory tokens, outside HMT's forward (see the module's doc)")
     parser.add_argument("--eval-every", type=positive_int, default=40)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
     parser.add_argument("--save", default=None, help="save the trained adapter to this directory")
@@ -81,11 +77,10 @@ def parse_args(argv=None):
         parser.error(f"--write-loss must be 0 or more, not {args.write_loss}")
     if args.save:
         check_output_dir(parser, args.save, "--save")
-    if args.memory_tokens > 1 and args.write_target != "first":
-        parser.error("--memory-tokens above 1 takes --write-target first (memory token i names digit i)")
-    if args.memory_tokens > 1 and args.save:
-        parser.error("--save keeps HMT adapters, which have one memory token: leave it out with --memory-tokens")
     args.hmt = hmt_overrides(parser, args.hmt)
+    tokens = args.hmt.get("memory_tokens", 1)
+    if isinstance(tokens, int) and tokens > 1 and args.write_target != "first":
+        parser.error("several memory tokens take --write-target first (memory token i names digit i)")
     return args
 
 
@@ -148,6 +143,8 @@ def write_scores(memory: torch.Tensor, table: torch.Tensor, labels: torch.Tensor
     keys = labels[:, -digits:]
     log_p = torch.log_softmax(memory.float() @ table.float().T, dim=-1)
     top = log_p.argmax(-1)
+    if memory.dim() == 3 and memory.shape[1] == 1:  # one memory token
+        memory = memory[:, 0]
     if memory.dim() == 3:  # r memory tokens: token i names digit i (those past the key name nothing)
         n = min(memory.shape[1], digits)
         loss = -log_p[:, :n].gather(2, keys[:, :n, None]).squeeze(2)
@@ -162,7 +159,7 @@ def spelling_scores(model, memory: torch.Tensor, labels: torch.Tensor, digits: i
     so far]`` and must predict each of the key's digits; a hit when all are right."""
     keys = labels[:, -digits:]
     embed = model.embedding_layer
-    parts = [memory[:, None].to(embed.weight.dtype), embed(keys[:, :-1])]
+    parts = [memory.view(memory.shape[0], -1, embed.weight.shape[1]).to(embed.weight.dtype), embed(keys[:, :-1])]
     if model.config.sink_token_id is not None:
         parts.insert(0, embed(torch.full_like(keys[:, :1], model.config.sink_token_id)))
     logits = model.backbone(inputs_embeds=torch.cat(parts, 1)).logits[:, -digits:].float()
@@ -189,36 +186,6 @@ def mean_cosine(memory: torch.Tensor) -> float:
     return float(((unit @ unit.T).sum() - n) / (n * (n - 1)))
 
 
-class MultiTokenReader:
-    """The two segments with r memory tokens (see the module's doc): ``(ids, labels)`` -> the logits of
-    segment 2 and the memory ``(B, r, d)`` segment 1 wrote. With r = 1 it is HMT's own forward on this
-    task (a cache of one memory: the search returns it); ``tests/test_scripts.py`` checks that."""
-
-    def __init__(self, model, r: int, seed: int = 0):
-        self.model, self.r = model, r
-        initial = model.memory_search.initial_memory.detach()
-        spread = model.embedding_layer.weight.float().std(0)
-        noise = torch.randn(r, initial.shape[0], generator=torch.Generator().manual_seed(seed)) * spread
-        noise[0] = 0  # token 0 starts as HMT's initial memory; the others look like distinct tokens
-        self.initial = torch.nn.Parameter((initial.float() + noise).to(initial.dtype))
-
-    def __call__(self, ids: torch.Tensor):
-        import hmt.backbone as bb
-
-        model, config = self.model, self.model.config
-        L, k, B = config.segment_length, config.sensory_memory_size, ids.shape[0]
-        embed = model.embedding_layer
-        first, second = embed(ids[:, :L]), embed(ids[:, L:])
-        lead = [] if config.sink_token_id is None else [embed(torch.full((B, 1), config.sink_token_id))]
-        read = self.initial[None].expand(B, -1, -1)
-        hidden = bb.final_hidden(model.backbone, torch.cat(lead + [read, first, read], 1), None, None)
-        memory = torch.stack([model.memory_generator(hidden[:, i : i + 1], None, "cls")
-                              for i in range(hidden.shape[1] - self.r, hidden.shape[1])], 1)
-        sensory = first[:, L - k :] if k else first[:, :0]
-        hidden = bb.final_hidden(model.backbone, torch.cat(lead + [memory, sensory, second], 1), None, None)
-        return bb.lm_logits(model.backbone, hidden[:, -second.shape[1] :]), memory
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -236,18 +203,12 @@ def main(argv=None) -> None:
         raise SystemExit("--write-loss needs a tokenizer that writes a key as a space and one token per digit.")
     table = model.embedding_layer.weight
     groups = optimizer_groups(model, args.lr, args.hmt_lr)
-    reader = None
-    if args.memory_tokens > 1:
-        reader = MultiTokenReader(model, args.memory_tokens)
-        groups.append({"params": [reader.initial], "lr": args.hmt_lr})
 
     def forward(ids, labels):
-        """Logits whose tail is the answer's, and the key segment's memory (``(B, d)``; r tokens: ``(B, r, d)``)."""
-        if reader is not None:
-            return reader(ids)
+        """Logits whose tail is the answer's, and the key segment's memory ``(B, r, d)``."""
         model.clear_memory()
         out = model(ids, labels=labels)
-        return out.logits, out.memory_embeddings[:, 0]
+        return out.logits, model.memory_tokens(out.memory_embeddings[:, 0])
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     trained = [p for group in groups for p in group["params"]]
@@ -305,7 +266,6 @@ def main(argv=None) -> None:
                            "init_from": args.init_from, "hmt": args.hmt, "batch_size": args.batch_size, "lr": args.lr,
                            "hmt_lr": args.hmt_lr, "gap": args.gap, "digits": args.digits,
                            "write_loss": args.write_loss, "write_target": args.write_target,
-                           "memory_tokens": args.memory_tokens,
                            "segment_length": model.config.segment_length,
                            "curve": curve})
 

@@ -379,11 +379,11 @@ def test_scoring_without_logits_matches_in_slices():
 
 
 # ----------------------------------------------------------------------------- public seams
-@pytest.mark.parametrize("sink", [None, 1])
-def test_memory_step_is_one_segment_of_forward(sink):
+@pytest.mark.parametrize("overrides", [{}, dict(sink_token_id=1), dict(memory_tokens=3, sink_token_id=1)])
+def test_memory_step_is_one_segment_of_forward(overrides):
     """Reading segment by segment through the public step gives forward's hidden states' logits
     and memory (the seam generation and evaluation use)."""
-    model = build("llama", sink_token_id=sink)
+    model = build("llama", **overrides)
     ids = tokens(2, 3 * L)
     whole = model(ids, memory_state=model.new_memory(2))
     state, logits = model.new_memory(2), []
@@ -427,6 +427,35 @@ def test_sink_token_goes_first_and_the_segment_reads_the_memory_after_it(arch):
         HMT(model.backbone, dataclasses.replace(model.config, sink_token_id=VOCAB))
     with pytest.raises(ValueError, match="cls"):
         HMTConfig(segment_length=L, sensory_memory_size=K, sink_token_id=0, extraction_strategy="cls")
+
+
+def test_several_memory_tokens_are_written_by_the_trailing_positions_and_checked():
+    """memory_tokens=r: [P_n (r) | sensory | E_n | P_n (r)], run by hand, gives the segment's logits, and m_n
+    is the trailing r final hidden states; a memory of another r is refused; r needs 'last'."""
+    r = 2
+    model = build("llama", memory_tokens=r)
+    emb, d = model.embedding_layer, model.config.hidden_dim
+    ids = tokens(1, 2 * L, seed=5)
+    state = model.new_memory(1)
+    assert state.cache.shape[-1] == r * d and model.config.augmented_length == K + L + 2 * r
+    with torch.no_grad():
+        for s in range(2):
+            seg = ids[:, s * L : (s + 1) * L]
+            step = model.memory_step(state, seg)
+            recalled, _ = model.read_memory(state, emb(seg), [L])
+            P = recalled.view(1, r, d)
+            sensory = emb(state.sensory_ids[:, : int(state.sensory_lengths[0])])
+            out = model.backbone(inputs_embeds=torch.cat([P, sensory, emb(seg), P], 1), output_hidden_states=True)
+            first = r + sensory.shape[1]
+            torch.testing.assert_close(model.backbone.get_output_embeddings()(step.hidden), out.logits[:, first : first + L], **TOL)
+            torch.testing.assert_close(step.memory, out.hidden_states[-1][:, -r:].flatten(1), **TOL)  # no compression
+            state = step.state
+    with pytest.raises(ValueError, match="memory_tokens x hidden_dim"):
+        build("llama").memory_state = state
+    with pytest.raises(ValueError, match="memory_tokens"):
+        HMTConfig(segment_length=L, sensory_memory_size=K, memory_tokens=0)
+    with pytest.raises(ValueError, match="extraction_strategy='last'"):
+        HMTConfig(segment_length=L, sensory_memory_size=K, memory_tokens=2, extraction_strategy="mean")
 
 
 def test_own_parameters_and_with_backbone():

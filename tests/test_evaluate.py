@@ -15,9 +15,10 @@ from .conftest import VOCAB, make_backbone, randomize_memory_parameters
 L, K = 8, 3
 
 
-def _model(sink=None):
+def _model(sink=None, memory_tokens=1, write="state"):
     model = HMT(make_backbone("llama"), HMTConfig(segment_length=L, sensory_memory_size=K, num_memory_embeddings=4,
-                                                 sink_token_id=sink)).eval()
+                                                 sink_token_id=sink, memory_tokens=memory_tokens,
+                                                 memory_write=write)).eval()
     randomize_memory_parameters(model)
     return model
 
@@ -77,17 +78,18 @@ def test_sliding_window_stride_keeps_every_token_once():
         assert math.isclose(a, b, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("sink", [None, 1])
-def test_causal_protocol_scores_each_token_from_a_forward_over_the_tokens_before_it(sink):
+@pytest.mark.parametrize("sink, memory_tokens, write", [(None, 1, "state"), (1, 1, "state"), (None, 2, "state"),
+                                                        (None, 2, "copy")])
+def test_causal_protocol_scores_each_token_from_a_forward_over_the_tokens_before_it(sink, memory_tokens, write):
     """hmt-causal == token t + 1 scored by the last logits of model(ids[:t + 1]); rows_per_pass only batches."""
-    model = _model(sink)
+    model = _model(sink, memory_tokens, write)
     g = torch.Generator().manual_seed(3)
     # A memory holding three distinct memories and a query that depends on the tokens, so the
     # search result changes with the tokens seen. (A tiny random model otherwise writes
     # near-identical memories and its summary is dominated by T: its search barely matters.)
     start = model.new_memory(1)
     for _ in range(3):
-        start = start.push(torch.randn(1, model.config.hidden_dim, generator=g) * 0.3, torch.ones(1, dtype=torch.bool), 4)
+        start = start.push(torch.randn(1, model.config.memory_width, generator=g) * 0.3, torch.ones(1, dtype=torch.bool), 4)
     with torch.no_grad():
         model.memory_search.query.weight.mul_(3)
         model.representation_encoder.summary_prompt.mul_(0.01)

@@ -41,7 +41,8 @@ def test_greedy_equals_argmax_of_full_forwards(arch, prompt_length):
 
 
 @pytest.mark.parametrize("overrides", [dict(use_retrieval=False), dict(extraction_strategy="mean"), dict(sensory_memory_size=0),
-                                       dict(sink_token_id=1)])
+                                       dict(sink_token_id=1), dict(memory_tokens=3), dict(memory_tokens=2, sink_token_id=1),
+                                       dict(memory_tokens=2, memory_write="copy")])
 def test_greedy_equals_argmax_in_other_configurations(overrides):
     model = build("qwen2", **overrides)
     ids = prompt(5, seed=1)
@@ -233,7 +234,8 @@ def test_batch_rows_cross_boundaries_at_different_steps(arch, exact, monkeypatch
 
 @pytest.mark.parametrize("overrides", [dict(use_retrieval=False), dict(extraction_strategy="mean"),
                                        dict(sensory_memory_size=0), dict(representation_length=1),
-                                       dict(representation_length=L), dict(sink_token_id=1)])
+                                       dict(representation_length=L), dict(sink_token_id=1), dict(memory_tokens=3),
+                                       dict(memory_tokens=3, memory_write="copy")])
 def test_batch_in_other_configurations_and_continued(overrides):
     """Batch equals alone with no retrieval, pooled memory writes, no sensory memory, j = 1 and
     j = L; continuing the batch's streams equals continuing each one alone."""

@@ -19,8 +19,10 @@ from .conftest import VOCAB, make_backbone, randomize_memory_parameters
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
-def spec_loop(backbone, T, init_memory, W_q, W_k, ids, L, j, k, N, retrieval=True):
-    """Return per-segment logits, memory embeddings and the final cache, straight from the spec."""
+def spec_loop(backbone, T, init_memory, W_q, W_k, ids, L, j, k, N, retrieval=True, r=1, copy=None):
+    """Return per-segment logits, memory embeddings and the final cache, straight from the spec
+    (``r`` memory tokens per segment: P and m are r tokens, an entry's key the mean of its r;
+    ``copy=(q, W_c)``: no trailing P, m_i = softmax(q_i . W_c h_t / sqrt(d_h)) over the segment's t of E_t)."""
     embed = backbone.get_input_embeddings()
     stack = backbone.base_model if backbone.base_model is not backbone else backbone.model  # gemma3 on transformers 4.x
     head = backbone.get_output_embeddings()
@@ -41,12 +43,19 @@ def spec_loop(backbone, T, init_memory, W_q, W_k, ids, L, j, k, N, retrieval=Tru
             P = cache[-1]
         else:
             S = last_hidden(torch.cat([T[None], segment[:j], T[None]]))[-1]
-            M = torch.stack(cache)
-            scores = (S @ W_q.T) @ (M @ W_k.T).T / math.sqrt(d_h)
+            M = torch.stack(cache)  # (C, r*d)
+            keys = M.view(len(cache), r, -1).mean(1)
+            scores = (S @ W_q.T) @ (keys @ W_k.T).T / math.sqrt(d_h)
             P = torch.softmax(scores, dim=-1) @ M
-        h = last_hidden(torch.cat([P[None], sensory, segment, P[None]]))
-        logits.append(head(h[1 + len(sensory) : 1 + len(sensory) + len(segment)]))
-        m = h[-1]
+        P = P.view(r, -1)
+        h = last_hidden(torch.cat([P, sensory, segment] + ([] if copy else [P])))
+        seg_h = h[r + len(sensory) : r + len(sensory) + len(segment)]
+        logits.append(head(seg_h))
+        if copy:
+            q, W_c = copy
+            m = (torch.softmax(q @ (seg_h @ W_c.T).T / math.sqrt(q.shape[1]), dim=-1) @ segment).flatten()
+        else:
+            m = h[-r:].flatten()
         memories.append(m)
         cache = (cache + [m])[-N:]
         sensory = segment[-k:] if k > 0 else segment[:0]
@@ -95,3 +104,54 @@ def test_sensory_off_and_full_cache(arch):
     torch.testing.assert_close(out.logits[0], ref_logits, **TOL)
     torch.testing.assert_close(out.memory_state.memories(0), ref_cache, **TOL)
     assert len(model.memory_cache) == 4
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_several_memory_tokens_match_spec_loop(arch_name):
+    """``memory_tokens=r``: r tokens read and r written per segment, a cache entry searched by its mean."""
+    backbone = make_backbone(arch_name)
+    L, j, k, N, r = 12, 5, 4, 3, 3
+    model = HMT(backbone, HMTConfig(segment_length=L, representation_length=j, sensory_memory_size=k,
+                                    num_memory_embeddings=N, memory_tokens=r)).eval()
+    randomize_memory_parameters(model)
+    ids = torch.randint(3, VOCAB, (6 * L + 5,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(ids.unsqueeze(0))
+        ref_logits, ref_memories, ref_cache = spec_loop(
+            backbone, model.representation_encoder.summary_prompt, model.memory_search.initial_memory,
+            model.memory_search.query.weight, model.memory_search.key.weight, ids, L, j, k, N, True, r,
+        )
+    torch.testing.assert_close(out.logits[0], ref_logits, **TOL)
+    torch.testing.assert_close(out.memory_embeddings[0], ref_memories, **TOL)
+    torch.testing.assert_close(out.memory_state.memories(0), ref_cache, **TOL)
+    assert out.memory_embeddings.shape[-1] == r * model.config.hidden_dim
+    first, rest = ref_memories[0].view(r, -1)[0], ref_memories[0].view(r, -1)[1:]
+    assert not torch.allclose(first.expand_as(rest), rest, atol=1e-3)  # r different memories, not one repeated
+    assert out.retrieval_weights[-1][0].max() < 0.999
+
+
+def test_copy_write_matches_spec_loop_and_trains_its_pointer():
+    """``memory_write='copy'``: memory token i is an attention of the segment's positions over their input
+    embeddings; no trailing write positions. Its queries and key get gradients from a later segment's loss."""
+    backbone = make_backbone("llama")
+    L, j, k, N, r = 12, 5, 4, 3, 2
+    model = HMT(backbone, HMTConfig(segment_length=L, representation_length=j, sensory_memory_size=k,
+                                    num_memory_embeddings=N, memory_tokens=r, memory_write="copy")).eval()
+    randomize_memory_parameters(model)
+    ids = torch.randint(3, VOCAB, (5 * L + 5,), generator=torch.Generator().manual_seed(4))
+    writer = model.memory_generator
+    with torch.no_grad():
+        out = model(ids.unsqueeze(0))
+        ref_logits, ref_memories, ref_cache = spec_loop(
+            backbone, model.representation_encoder.summary_prompt, model.memory_search.initial_memory,
+            model.memory_search.query.weight, model.memory_search.key.weight, ids, L, j, k, N, True, r,
+            (writer.copy_queries, writer.copy_key.weight),
+        )
+    torch.testing.assert_close(out.logits[0], ref_logits, **TOL)
+    torch.testing.assert_close(out.memory_embeddings[0], ref_memories, **TOL)
+    torch.testing.assert_close(out.memory_state.memories(0), ref_cache, **TOL)
+    assert model.config.augmented_length == k + L + r
+    labels = torch.full((1, len(ids)), -100)
+    labels[0, 3 * L :] = ids[3 * L :]  # a loss on later segments only: it reaches the write through the cache
+    model(ids.unsqueeze(0), labels=labels, memory_state=model.new_memory(1)).loss.backward()
+    assert writer.copy_queries.grad.abs().sum() > 0 and writer.copy_key.weight.grad.abs().sum() > 0

@@ -67,6 +67,8 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/recall_read.py", ["--lr", "0"], "argument --lr"),
     ("benchmarks/recall_read.py", ["--minutes", "-1"], "argument --minutes"),
     ("benchmarks/recall_read.py", ["--write-loss", "-1"], "--write-loss must be 0 or more"),
+    ("benchmarks/recall_read.py", ["--hmt", '{"memory_tokens": 5}', "--write-target", "bag"],
+     "several memory tokens take --write-target first"),
     ("benchmarks/memory_content.py", ["--segments", "4"], "--segments must be at least 8"),
     ("benchmarks/read_fixed_write.py", ["--write", "perfect"], "argument --write"),
     ("benchmarks/sparse_bptt_recall.py", ["--write-loss", "-1"], "--write-loss must be 0 or more"),
@@ -164,33 +166,6 @@ def test_recall_read_spelling_loss_reads_the_memory_through_the_backbone():
     loss, hit = module.spelling_scores(model, memory, labels, 3)
     assert model.backbone.seen.shape == (2, 4, 12) and torch.equal(model.backbone.seen[:, 0], table[[0, 0]])
     assert hit.tolist() == [0.0, 0.0] and loss.shape == (2,)
-
-
-@pytest.mark.parametrize("sink", [None, 0])
-def test_recall_read_multi_token_reader_with_one_token_is_hmts_forward(sink):
-    """``--memory-tokens`` runs the two segments outside HMT's forward: with one memory token it must
-    give HMT's logits and memory (the search over a cache of one returns it), with a sink or without."""
-    import torch
-
-    from .conftest import make_backbone, randomize_memory_parameters
-    from hmt import HMT, HMTConfig
-
-    module = script("benchmarks/recall_read.py")
-    model = HMT(make_backbone("llama"), HMTConfig(segment_length=12, sensory_memory_size=4,
-                                                  memory_compression="embedding", sink_token_id=sink)).eval()
-    randomize_memory_parameters(model)
-    with torch.no_grad():  # an untrained 'embedding' compression maps every memory to its bias
-        model.memory_generator.compression.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
-    ids = torch.randint(1, 100, (3, 20))
-    with torch.no_grad():
-        out = model(ids)
-        logits, memory = module.MultiTokenReader(model, 1)(ids)
-    torch.testing.assert_close(logits, out.logits[:, 12:])
-    torch.testing.assert_close(memory, out.memory_embeddings[:, :1])
-    with torch.no_grad():  # r tokens: r distinct memories, segment 2 reading r more positions
-        logits, memory = module.MultiTokenReader(model, 3)(ids)
-    assert logits.shape == out.logits[:, 12:].shape and memory.shape == (3, 3, memory.shape[-1])
-    assert not torch.allclose(memory[:, 0], memory[:, 1], atol=1e-3)
 
 
 def test_recall_read_write_loss_with_several_memory_tokens_names_one_digit_each():

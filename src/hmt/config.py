@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 EXTRACTION_STRATEGIES = ("last", "mean", "max", "cls")
 COMPRESSIONS = (False, "identity", "embedding", "norm")
+MEMORY_WRITES = ("state", "copy")
 CONFIG_NAME = "hmt_config.json"
 
 
@@ -94,6 +95,28 @@ class HMTConfig:
             "benchmarks/README.md). For SmolLM2, 0 (<|endoftext|>, which opens its training documents)."
         },
     )
+    memory_tokens: int = field(
+        default=1,
+        metadata={
+            "help": "r: memory tokens per segment. 1 is the paper's: one P_n read, one m_n written. r > 1 (an "
+            "extension, RMT-like): each segment reads r tokens and writes r, [P_n (r) | sensory | E_n | P_n (r)], "
+            "m_n being the final hidden states of the trailing r positions; a cache entry holds a segment's r "
+            "memories (flattened, r*d wide), searched by their mean. One token carries little of a 5-digit "
+            "passkey (benchmarks/README.md, 'Write or read?'); needs extraction_strategy 'last'."
+        },
+    )
+    memory_write: str = field(
+        default="state",
+        metadata={
+            "help": "How a segment writes its memory tokens. 'state' (the paper's): the final hidden states of the "
+            "trailing memory positions (then memory_compression). 'copy' (an extension): memory token i is an "
+            "attention over the segment's positions of their input embeddings, softmax_t(q_i . W_c h_t) E_t (h_t the "
+            "final hidden states, q_i and W_c learned), so a memory is made of the segment's own tokens, the form a "
+            "backbone reads untrained; the augmented segment then has no trailing write positions and no "
+            "memory_compression. On the two-segment passkey task a 'state' write of 5 tokens stayed at chance "
+            "after 800 examples, a 'copy' write learned digits in under 100 (benchmarks/README.md, 'Write or read?')."
+        },
+    )
     use_retrieval: bool = field(
         default=True,
         metadata={
@@ -141,6 +164,12 @@ class HMTConfig:
             positive("hidden_dim", self.hidden_dim)
         if self.retrieval_dim is not None:
             positive("retrieval_dim", self.retrieval_dim)
+        positive("memory_tokens", self.memory_tokens)
+        if self.memory_write not in MEMORY_WRITES:
+            raise ValueError(f"HMTConfig.memory_write must be one of {MEMORY_WRITES}, got {self.memory_write!r}.")
+        if self.memory_tokens > 1 and self.memory_write == "state" and self.extraction_strategy != "last":
+            raise ValueError(f"HMTConfig.memory_tokens={self.memory_tokens} writes the trailing memory tokens' states: "
+                             f"it needs extraction_strategy='last', not {self.extraction_strategy!r}.")
         if self.sink_token_id is not None:
             positive("sink_token_id", self.sink_token_id, allow_zero=True)
             if self.extraction_strategy == "cls":
@@ -163,8 +192,15 @@ class HMTConfig:
     # ------------------------------------------------------------------ derived sizes
     @property
     def augmented_length(self) -> int:
-        """Positions of one augmented segment: [sink] + memory + k sensory + L tokens + memory."""
-        return self.sensory_memory_size + self.segment_length + 2 + (self.sink_token_id is not None)
+        """Positions of one augmented segment: [sink] + r memory + k sensory + L tokens + r memory (the trailing
+        r only for a 'state' write)."""
+        write = self.memory_tokens if self.memory_write == "state" else 0
+        return self.sensory_memory_size + self.segment_length + self.memory_tokens + write + (self.sink_token_id is not None)
+
+    @property
+    def memory_width(self) -> Optional[int]:
+        """Width of one cache entry: the r memory tokens a segment writes, flattened (r * d)."""
+        return None if self.hidden_dim is None else self.memory_tokens * self.hidden_dim
 
     @property
     def encoding_length(self) -> int:

@@ -152,7 +152,7 @@ def score_hmt_causal(
             row_state = state.select([0] * m)
             row_embeds = embeds.expand(m, -1, -1)[:, : max(lengths)]
             recalled, _ = model.read_memory(row_state, row_embeds, lengths)
-            packed = model.augmented_inputs(recalled.unsqueeze(1), row_state.sensory_ids,
+            packed = model.augmented_inputs(model.memory_tokens(recalled), row_state.sensory_ids,
                                             row_state.sensory_lengths.tolist(), row_embeds, lengths, write_slot=False)
             out = run_packed(model.backbone, packed)
             last = torch.as_tensor([o + t for o, t in zip(packed.offsets[model.token_piece], rows)], device=device)

@@ -235,7 +235,7 @@ class _Row:
 
     state: MemoryState
     open_ids: list[int]
-    memory_token: Optional[torch.Tensor] = None  # (1, d) P_n of the open segment as it stands
+    memory_token: Optional[torch.Tensor] = None  # (r, d) P_n of the open segment as it stands
     final: bool = False  # P_n will not change: the prefix lives in the decode lane
     logits: Optional[torch.Tensor] = None  # (V,) predicting the next token
 
@@ -283,7 +283,8 @@ class _DecodeBatch:
         model = self.model
         L = model.config.segment_length
         closing = {r for r in tokens if len(self.rows[r].open_ids) == L}
-        by_lane = {r for r in closing if r in self.decode_lanes and model.config.extraction_strategy == "last"}
+        by_lane = {r for r in closing if r in self.decode_lanes and model.config.extraction_strategy == "last"
+                   and model.config.memory_tokens == 1 and model.config.memory_write == "state"}
         # rows that need no cached step now leave the decode lane first
         leaving = [r for r in self.decode_lanes.rows if (r in stopping or r in closing) and r not in by_lane]
         self.decode_lanes.drop(leaving)
@@ -323,7 +324,7 @@ class _DecodeBatch:
             active = torch.ones(1, dtype=torch.bool, device=ids.device)
             lens = torch.tensor([ids.shape[1]], device=ids.device)
             row.state = row.state.push(memory, active, model.config.num_memory_embeddings).with_sensory(ids, lens, active)
-        else:  # pooled strategies need every hidden state: recompute the segment once
+        else:  # pooled strategies (or r memory tokens) need more hidden states: recompute the segment once
             row.state = model.memory_step(row.state, ids).state
         row.open_ids, row.memory_token, row.final = [], None, False
 
@@ -338,7 +339,7 @@ class _DecodeBatch:
             state = MemoryState.cat([self.rows[r].state for r in searching])
             recalled, _ = model.memory_search(summaries, state.cache, state.cache_mask)
             for r, token in zip(searching, recalled.to(model.embedding_layer.weight.dtype)):
-                self.rows[r].memory_token = token.view(1, -1)
+                self.rows[r].memory_token = token.view(model.config.memory_tokens, -1)
                 self.rows[r].final = len(self.rows[r].open_ids) >= j
             self.encoding_lanes.drop([r for r in searching if self.rows[r].final])
         once = [r for r in rows if r not in searching]
@@ -391,7 +392,7 @@ class _DecodeBatch:
         state = MemoryState.cat([self.rows[r].state for r in rows])
         recalled, _ = model.read_memory(state, model.embedding_layer(ids), lengths)
         for r, token in zip(rows, recalled.to(model.embedding_layer.weight.dtype)):
-            self.rows[r].memory_token, self.rows[r].final = token.view(1, -1), True
+            self.rows[r].memory_token, self.rows[r].final = token.view(model.config.memory_tokens, -1), True
 
     def _prefix(self, rows: list[int]):
         """``[P_n | sensory | E_open]`` of ``rows``, packed."""
@@ -400,7 +401,7 @@ class _DecodeBatch:
         sensory_ids = torch.cat([s.sensory_ids for s in states])
         sensory_lens = torch.cat([s.sensory_lengths for s in states]).tolist()
         ids, lengths = self._padded([self.rows[r].open_ids for r in rows])
-        memory_token = torch.stack([self.rows[r].memory_token for r in rows])  # (n, 1, d)
+        memory_token = torch.stack([self.rows[r].memory_token for r in rows])  # (n, r, d)
         return model.augmented_inputs(memory_token, sensory_ids, sensory_lens, model.embedding_layer(ids), lengths,
                                       write_slot=False)
 
@@ -408,7 +409,8 @@ class _DecodeBatch:
     def _reopen(self, rows: list[int]) -> None:
         """P_n is final: run the rows' prefixes once with a KV cache (one call per prefix length,
         so no row is padded) and let them join the decode lane."""
-        width = {r: self.model.token_piece - 1 + int(self.rows[r].state.sensory_lengths[0]) + len(self.rows[r].open_ids) for r in rows}
+        first = self.model.token_piece - 2 + self.model.config.memory_tokens  # [sink] P_n: positions before sensory
+        width = {r: first + int(self.rows[r].state.sensory_lengths[0]) + len(self.rows[r].open_ids) for r in rows}
         for group in _groups(rows, width.get):
             packed = self._prefix(group)
             hidden, cache = kv.prefill(self.model.backbone, packed.embeds, packed.position_ids)

@@ -43,7 +43,7 @@ class MemoryState:
     different numbers of memories; ``cache_mask`` marks the real entries.
 
     Attributes:
-        cache: ``(B, C, d)`` memory embeddings m_n, oldest first.
+        cache: ``(B, C, r*d)`` memory embeddings m_n, oldest first (r = ``memory_tokens``, usually 1).
         cache_mask: ``(B, C)`` bool, True where an entry is real.
         cache_segments: ``(B, C)`` long, index (within the stream) of the segment that
             wrote each entry; -1 where empty.
@@ -74,7 +74,7 @@ class MemoryState:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> "MemoryState":
-        d = _require_hidden_dim(config)
+        d = _require_hidden_dim(config) * config.memory_tokens
         k = config.sensory_memory_size
         long = dict(dtype=torch.long, device=device)
         return cls(
@@ -256,8 +256,8 @@ class MemoryState:
         if self.cache_mask.dtype != torch.bool:
             problems.append("cache_mask is not bool")
         if config is not None:
-            if config.hidden_dim is not None and self.cache.shape[-1] != config.hidden_dim:
-                problems.append(f"memory width {self.cache.shape[-1]} != hidden_dim {config.hidden_dim}")
+            if config.hidden_dim is not None and self.cache.shape[-1] != config.memory_width:
+                problems.append(f"memory width {self.cache.shape[-1]} != memory_tokens x hidden_dim {config.memory_width}")
             if self.sensory_ids.shape[1] != config.sensory_memory_size:
                 problems.append(
                     f"sensory width {self.sensory_ids.shape[1]} != sensory_memory_size {config.sensory_memory_size}"
@@ -403,8 +403,14 @@ class MemoryEmbeddingGenerator(nn.Module):
         self.extraction_strategy = config.extraction_strategy
         self.compression: Optional[nn.Linear] = None
         self.gain: Optional[nn.Parameter] = None
-        self.compression_kind = config.memory_compression
-        if config.memory_compression == "norm":  # g m / rms(m); HMT sets g to the embeddings' RMS
+        self.compression_kind = config.memory_compression if config.memory_write == "state" else False
+        if config.memory_write == "copy":  # q_i (r, d_h) and W_c (d -> d_h): where memory token i copies from
+            d_h = config.retrieval_dim or d
+            # q = 0: every token starts as the mean of the segment's embeddings, and no softmax starts saturated
+            # (random queries pinned memory token 0 to one wrong position on SmolLM2's large final states).
+            self.copy_queries = nn.Parameter(torch.zeros(config.memory_tokens, d_h))
+            self.copy_key = nn.Linear(d, d_h, bias=False)
+        elif config.memory_compression == "norm":  # g m / rms(m); HMT sets g to the embeddings' RMS
             self.gain = nn.Parameter(torch.ones(()))
         elif config.memory_compression:
             self.compression = nn.Linear(d, d)
@@ -422,7 +428,20 @@ class MemoryEmbeddingGenerator(nn.Module):
         extraction_strategy: Optional[str] = None,
     ) -> torch.Tensor:
         """``hidden_states (B, T, d)``, ``attention_mask (B, T)`` (1 = real, right-padded) -> ``(B, d)``."""
-        out = pool(hidden_states, attention_mask, extraction_strategy or self.extraction_strategy)
+        return self.compress(pool(hidden_states, attention_mask, extraction_strategy or self.extraction_strategy))
+
+    def copy(self, hidden: torch.Tensor, token_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The 'copy' write: ``hidden (B, l, d)`` final hidden states and ``token_embeds (B, l, d)`` input
+        embeddings of a segment's positions, ``lengths (B,)`` real ones -> ``(B, r*d)``, memory token i being
+        ``sum_t softmax_t(q_i . W_c h_t / sqrt(d_h)) E_t`` over the real positions."""
+        keys = self.copy_key(hidden).float()  # (B, l, d_h)
+        scores = torch.einsum("rh,blh->brl", self.copy_queries.float(), keys) / math.sqrt(keys.shape[-1])
+        real = torch.arange(hidden.shape[1], device=hidden.device).view(1, 1, -1) < lengths.clamp(min=1).view(-1, 1, 1)
+        weights = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=-1)
+        return torch.einsum("brl,bld->brd", weights.to(token_embeds.dtype), token_embeds).flatten(1)
+
+    def compress(self, out: torch.Tensor) -> torch.Tensor:
+        """The learned layer alone, on extracted states ``(..., d)`` (r memory tokens: each one)."""
         if self.gain is not None:
             return out * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-12).to(out.dtype) * self.gain
         if self.compression is None:
@@ -473,14 +492,17 @@ class MemorySearch(nn.Module):
         d_h = config.retrieval_dim or d
         self.use_retrieval = config.use_retrieval
         self.scale = 1.0 / math.sqrt(d_h)
+        self.memory_tokens = config.memory_tokens
         self.query = nn.Linear(d, d_h, bias=False)  # W_q
         self.key = nn.Linear(d, d_h, bias=False)  # W_k
-        self.initial_memory = nn.Parameter(torch.zeros(d))
+        self.initial_memory = nn.Parameter(torch.zeros(config.memory_tokens * d))  # r tokens, flattened
 
     def forward(
         self, summary: Optional[torch.Tensor], cache: torch.Tensor, cache_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``summary (B, d)``, ``cache (B, C, d)``, ``cache_mask (B, C)`` -> ``P_n (B, d)``, weights ``(B, C)``."""
+        """``summary (B, d)``, ``cache (B, C, r*d)``, ``cache_mask (B, C)`` -> ``P_n (B, r*d)``, weights ``(B, C)``.
+
+        With r memory tokens per entry the key of an entry is W_k of the mean of its r memories."""
         B, C, _ = cache.shape
         initial = self.initial_memory.view(1, -1).expand(B, -1)
         has_memory = cache_mask.any(dim=1, keepdim=True)
@@ -494,7 +516,8 @@ class MemorySearch(nn.Module):
             raise ValueError("MemorySearch with retrieval needs the segment summary S_n.")
         # Scores in float32 whatever the backbone dtype; the result returns in cache dtype.
         q = self.query(summary).float()  # (B, d_h)
-        k = self.key(cache).float()  # (B, C, d_h)
+        entries = cache if self.memory_tokens == 1 else cache.unflatten(-1, (self.memory_tokens, -1)).mean(2)
+        k = self.key(entries).float()  # (B, C, d_h)
         scores = torch.einsum("bh,bch->bc", q, k) * self.scale
         scores = scores.masked_fill(~cache_mask, float("-inf"))
         scores = torch.where(has_memory, scores, torch.zeros_like(scores))  # no all -inf rows (NaN)

@@ -49,7 +49,8 @@ class HMTOutput(ModelOutput):
             cache as it stood (empty for the first segment of a stream).
         retrieved_segments: per segment, ``(B, C)`` index of the segment that wrote each
             cache entry (-1 for an empty slot): pairs with ``retrieval_weights``.
-        memory_embeddings: ``(B, S, d)`` the memory m_n written by each segment of the call.
+        memory_embeddings: ``(B, S, r*d)`` the memory m_n written by each segment of the call
+            (r = ``config.memory_tokens``, 1 by default: ``(B, S, d)``).
         nll_sum: ``(B,)`` summed next-token negative log-likelihood (when ``labels`` given).
         num_tokens: ``(B,)`` tokens scored.
         segment_nll, segment_tokens: ``(B, S)`` the same per segment.
@@ -73,7 +74,7 @@ class MemoryStep:
 
     hidden: torch.Tensor  # (B, l, d) final hidden states of the segment's positions
     state: MemoryState  # the memory after the segment
-    memory: torch.Tensor  # (B, d) m_n, the memory it wrote
+    memory: torch.Tensor  # (B, r*d) m_n, the memory it wrote (r = config.memory_tokens, usually 1)
     weights: torch.Tensor  # (B, C) the search's weights over the cache as it stood
     retrieved_segments: torch.Tensor  # (B, C) the segment that wrote each cache entry (-1: empty)
 
@@ -130,10 +131,14 @@ class HMT(nn.Module):
         generator = torch.Generator().manual_seed(0)
         for param in (self.representation_encoder.summary_prompt, self.memory_search.initial_memory):
             noise = torch.randn(param.shape, generator=generator) * 0.1 * std
-            param.copy_(mean + noise)
-        if self.config.memory_compression == "embedding":
+            param.copy_(mean.repeat(param.numel() // mean.numel()) + noise)
+        if self.config.memory_tokens > 1:  # the other initial tokens as distinct as different tokens are
+            spread = table.float().std(0).cpu()
+            extra = torch.randn(self.config.memory_tokens - 1, spread.numel(), generator=generator) * spread
+            self.memory_search.initial_memory[spread.numel() :].add_(extra.flatten())
+        if self.memory_generator.compression_kind == "embedding":
             self.memory_generator.compression.bias.copy_(mean)
-        elif self.config.memory_compression == "norm":  # memories at the scale of token embeddings
+        elif self.memory_generator.compression_kind == "norm":  # memories at the scale of token embeddings
             self.memory_generator.gain.fill_(table.float().pow(2).mean().sqrt().cpu().item())
         ref = table
         for module in (self.representation_encoder, self.memory_search, self.memory_generator):
@@ -396,18 +401,23 @@ class HMT(nn.Module):
         after a fixed sink token when ``config.sink_token_id`` is set (then the tokens are piece 3,
         :attr:`token_piece`).
 
-        ``memory_token (B, 1, d)``; ``sensory_ids (B, k)`` with ``sensory_lengths`` real ones;
+        ``memory_token (B, r, d)`` (see :meth:`memory_tokens`); ``sensory_ids (B, k)`` with ``sensory_lengths`` real ones;
         ``token_embeds (B, l, d)`` with ``lengths`` real ones. The leading P_n is what the segment
         reads; ``write_slot=False`` leaves out the trailing one (where m_n is written), as
         decoding and causal scoring do while the segment is still open.
         """
         ones = [1] * memory_token.shape[0]
         memory_token = memory_token.to(token_embeds.dtype)
-        parts = [(memory_token, ones), (self.embedding_layer(sensory_ids), sensory_lengths), (token_embeds, lengths)]
+        r = [memory_token.shape[1]] * memory_token.shape[0]
+        parts = [(memory_token, r), (self.embedding_layer(sensory_ids), sensory_lengths), (token_embeds, lengths)]
         if self.config.sink_token_id is not None:
             sink = torch.full((len(ones), 1), self.config.sink_token_id, dtype=torch.long, device=token_embeds.device)
             parts.insert(0, (self.embedding_layer(sink).to(token_embeds.dtype), ones))
-        return pack_rows(parts + [(memory_token, ones)] if write_slot else parts)
+        return pack_rows(parts + [(memory_token, r)] if write_slot else parts)
+
+    def memory_tokens(self, memory: torch.Tensor) -> torch.Tensor:
+        """A recalled or written memory ``(B, r*d)`` as its r tokens ``(B, r, d)`` (``config.memory_tokens``)."""
+        return memory.view(memory.shape[0], self.config.memory_tokens, -1)
 
     def _scored_step(self, state, seg_ids, seg_lens, summary, sensory_lengths, lengths, targets, num_scored,
                      want_logits: bool, tracked: bool) -> tuple["MemoryStep", SegmentScore]:
@@ -456,13 +466,20 @@ class HMT(nn.Module):
             recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
             # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
             # one (right after each row's last real token) is where m_n is written.
-            packed = self.augmented_inputs(recalled.unsqueeze(1), state.sensory_ids, sensory_lengths, token_embeds,
-                                           seg_lens)
+            copying = self.config.memory_write == "copy"
+            packed = self.augmented_inputs(self.memory_tokens(recalled), state.sensory_ids, sensory_lengths,
+                                           token_embeds, seg_lens, write_slot=not copying)
             hidden = run_packed(self.backbone, packed)  # (B, T_aug, d)
             segment_hidden = gather_rows(hidden, packed.offsets[self.token_piece], width)  # (B, l, d)
-            memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
-        if lengths is None:
-            lengths = torch.as_tensor(seg_lens, device=seg_ids.device)
+            r = self.config.memory_tokens
+            if lengths is None:
+                lengths = torch.as_tensor(seg_lens, device=seg_ids.device)
+            if copying:  # memory token i: the segment's input embeddings, weighted by where q_i points
+                memory = self.memory_generator.copy(segment_hidden, token_embeds, lengths)
+            elif r == 1:
+                memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
+            else:  # the trailing r positions, each compressed: (B, r*d)
+                memory = self.memory_generator.compress(gather_rows(hidden, packed.offsets[-1], r)).flatten(1)
         active = lengths > 0
         state = state.push(memory, active, self.config.num_memory_embeddings, trim=trim)
         state = state.with_sensory(seg_ids, lengths, active)

@@ -28,7 +28,8 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
         read_meta(config.init_from)  # a clear error before anything loads
         # Fields that add or reshape HMT's own modules: the checkpoint loads as it was saved,
         # then the new modules start fresh (e.g. a compression layer added in a later stage).
-        structural = {k: hmt_overrides.pop(k) for k in ("memory_compression", "retrieval_dim") if k in hmt_overrides}
+        structural = {k: hmt_overrides.pop(k) for k in ("memory_compression", "retrieval_dim", "memory_tokens", "memory_write")
+                      if k in hmt_overrides}
         model = HMT.from_pretrained(backbone, config.init_from, **hmt_overrides)
         backbone = model.backbone
         if any(getattr(model.config, k) != v for k, v in structural.items()):

@@ -56,7 +56,8 @@ def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tenso
     non-blank token), where m is ``out.memory_embeddings[b, evidence_positions[b] // L]``. Without
     it SmolLM2's memories of different passkeys stayed 99.7% alike and its answer at chance
     (benchmarks/README.md, "Write or read?"). Rows with -1 for either, or whose evidence lies
-    past this call's segments, are left out; 0 (no gradient) when no row is left.
+    past this call's segments, are left out; 0 (no gradient) when no row is left. With several
+    memory tokens per segment (``HMTConfig.memory_tokens``) the first one names the answer.
     """
     memories = out.memory_embeddings
     if memories is None:
@@ -66,7 +67,7 @@ def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tenso
     rows = keep.nonzero().squeeze(1)
     if rows.numel() == 0:
         return memories.new_zeros((), dtype=torch.float32)
-    written = memories[rows, segments[rows]].float()  # (R, d)
+    written = memories[rows, segments[rows], : embeddings.shape[1]].float()  # (R, d): r tokens: the first
     return torch.nn.functional.cross_entropy(written @ embeddings.float().T, answer_tokens[rows])
 
 
