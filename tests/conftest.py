@@ -78,5 +78,5 @@ def randomize_memory_parameters(model, seed: int = 1) -> None:
         ):
             param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
         queries = getattr(model.memory_generator, "copy_queries", None)
-        if queries is not None:  # a 'copy' write starts uniform (q = 0): make it point somewhere
-            queries.copy_(torch.randn(queries.shape, generator=generator) * 2)
+        if queries is not None:  # a 'copy' write starts near uniform: make it point somewhere
+            queries.copy_(torch.randn(queries.shape, generator=generator) * 4)

@@ -137,6 +137,47 @@ def test_write_loss_by_hand():
     assert write_loss(out, torch.tensor([5, 2, 1]), torch.tensor([-1, -1, -1]), table, L).item() == 0.0
 
 
+def test_write_loss_with_several_memory_tokens_by_hand():
+    """r memory tokens per segment: memory token i names answer token i; -1 past an answer's end is skipped."""
+    from hmt.training import write_loss
+
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    written = torch.tensor([[[2.0, 0.0, 0.0, 3.0]], [[0.0, 1.0, 5.0, 5.0]]])  # (B=2, S=1, r*d = 2*2)
+    out = SimpleNamespace(memory_embeddings=written)
+    answers = torch.tensor([[1, 2, 0], [0, -1, -1]])  # row 1's answer is one token long
+    loss = write_loss(out, torch.tensor([0, 1]), answers, table, 4)
+    ce = torch.nn.functional.cross_entropy
+    hand = [ce(torch.tensor([[2.0, 0.0, 2.0]]), torch.tensor([1])), ce(torch.tensor([[0.0, 3.0, 3.0]]), torch.tensor([2])),
+            ce(torch.tensor([[0.0, 1.0, 1.0]]), torch.tensor([0]))]
+    assert loss.item() == pytest.approx(sum(h.item() for h in hand) / 3, rel=1e-6)
+    # one token per row (the probe's answer_token) is memory token 0's target alone
+    assert write_loss(out, torch.tensor([0, 1]), torch.tensor([1, 0]), table, 4).item() == pytest.approx(
+        (hand[0].item() + hand[2].item()) / 2, rel=1e-6)
+
+
+def test_copy_write_learns_every_digit_of_the_key_with_the_write_loss():
+    """memory_write='copy' with one memory token per digit: a few steps of the write loss make the key
+    segment's memory tokens name all of the key's digits (the state write names at most the first)."""
+    from hmt.training import training_loss
+
+    torch.manual_seed(0)
+    backbone = recall.tiny_llama(vocab_size=64, hidden_size=32, layers=1, heads=2)
+    model = hmt.HMT(backbone, hmt.HMTConfig(segment_length=16, sensory_memory_size=4, num_memory_embeddings=8,
+                                            memory_tokens=TASK.num_digits, memory_write="copy"))
+    batch = recall.make_batch(TASK, 16, 3, seed=0).training_batch(16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, out, terms = training_loss(model, batch, write_loss_weight=1.0)
+        optimizer.zero_grad()
+        terms["write_loss"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        _, out, _ = training_loss(model, batch, write_loss_weight=1.0)
+    memory = out.memory_embeddings[torch.arange(16), batch["evidence_position"] // 16].view(16, TASK.num_digits, -1)
+    named = (memory @ model.embedding_layer.weight.T).argmax(-1)
+    assert (named == batch["answer_tokens"]).float().mean() > 0.9, named
+
+
 def test_write_loss_trains_the_write_of_the_key_segment_only():
     """Its gradient reaches what writes the evidence segment's memory (the backbone, the compression)
     and nothing that acts only after it: with the key in segment 0 there is no search yet, so W_q,

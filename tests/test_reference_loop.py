@@ -22,7 +22,8 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 def spec_loop(backbone, T, init_memory, W_q, W_k, ids, L, j, k, N, retrieval=True, r=1, copy=None):
     """Return per-segment logits, memory embeddings and the final cache, straight from the spec
     (``r`` memory tokens per segment: P and m are r tokens, an entry's key the mean of its r;
-    ``copy=(q, W_c)``: no trailing P, m_i = softmax(q_i . W_c h_t / sqrt(d_h)) over the segment's t of E_t)."""
+    ``copy=(q, W_c)``: no trailing P, m_i = softmax(q_i . W_c h_t / sqrt(d_h)) over the segment's t of E_t,
+    h_t at unit RMS)."""
     embed = backbone.get_input_embeddings()
     stack = backbone.base_model if backbone.base_model is not backbone else backbone.model  # gemma3 on transformers 4.x
     head = backbone.get_output_embeddings()
@@ -53,7 +54,8 @@ def spec_loop(backbone, T, init_memory, W_q, W_k, ids, L, j, k, N, retrieval=Tru
         logits.append(head(seg_h))
         if copy:
             q, W_c = copy
-            m = (torch.softmax(q @ (seg_h @ W_c.T).T / math.sqrt(q.shape[1]), dim=-1) @ segment).flatten()
+            unit = seg_h / seg_h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+            m = (torch.softmax(q @ (unit @ W_c.T).T / math.sqrt(q.shape[1]), dim=-1) @ segment).flatten()
         else:
             m = h[-r:].flatten()
         memories.append(m)

@@ -357,6 +357,12 @@ def test_task_evidence_positions_and_mixture(tmp_path, backbone_dir):
     batch = pad_collate([mixed[i] for i in range(4)])
     assert batch["evidence_position"].tolist().count(-1) == 1
     assert batch["answer_token"].tolist().count(-1) == 1 and batch["answer_token"].tolist().count(6) == 3
+    long = QADataset([QAExample(context=context, prompt="w5", answer="w6 w7 w8", evidence="w33 w34")], tokenizer,
+                     context_template="{context}", prompt_template=" {prompt}", answer_template=" {answer}",
+                     progress=False)
+    assert long[0]["answer_tokens"].tolist() == [6, 7, 8]  # several memory tokens' targets, one answer token each
+    rows = pad_collate([long[0], items[0], windows[0]])["answer_tokens"].tolist()
+    assert rows == [[6, 7, 8], [6, -1, -1], [-1, -1, -1]]
 
 
 def passkey_rows(count: int, seed: int = 0):

@@ -406,9 +406,10 @@ class MemoryEmbeddingGenerator(nn.Module):
         self.compression_kind = config.memory_compression if config.memory_write == "state" else False
         if config.memory_write == "copy":  # q_i (r, d_h) and W_c (d -> d_h): where memory token i copies from
             d_h = config.retrieval_dim or d
-            # q = 0: every token starts as the mean of the segment's embeddings, and no softmax starts saturated
-            # (random queries pinned memory token 0 to one wrong position on SmolLM2's large final states).
-            self.copy_queries = nn.Parameter(torch.zeros(config.memory_tokens, d_h))
+            # Keys from unit-RMS states: the scores start near 0 whatever the backbone's scale (SmolLM2's final
+            # states are large: with raw states a random query was pinned to one wrong position), yet differ
+            # between memory tokens (q = 0 starts them all alike, and on a tiny model they stayed alike).
+            self.copy_queries = nn.Parameter(torch.randn(config.memory_tokens, d_h))
             self.copy_key = nn.Linear(d, d_h, bias=False)
         elif config.memory_compression == "norm":  # g m / rms(m); HMT sets g to the embeddings' RMS
             self.gain = nn.Parameter(torch.ones(()))
@@ -433,8 +434,10 @@ class MemoryEmbeddingGenerator(nn.Module):
     def copy(self, hidden: torch.Tensor, token_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The 'copy' write: ``hidden (B, l, d)`` final hidden states and ``token_embeds (B, l, d)`` input
         embeddings of a segment's positions, ``lengths (B,)`` real ones -> ``(B, r*d)``, memory token i being
-        ``sum_t softmax_t(q_i . W_c h_t / sqrt(d_h)) E_t`` over the real positions."""
-        keys = self.copy_key(hidden).float()  # (B, l, d_h)
+        ``sum_t softmax_t(q_i . W_c h_t / sqrt(d_h)) E_t`` over the real positions, h_t scaled to unit RMS."""
+        hidden = hidden.float()
+        unit = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        keys = F.linear(unit, self.copy_key.weight.float())  # (B, l, d_h)
         scores = torch.einsum("rh,blh->brl", self.copy_queries.float(), keys) / math.sqrt(keys.shape[-1])
         real = torch.arange(hidden.shape[1], device=hidden.device).view(1, 1, -1) < lengths.clamp(min=1).view(-1, 1, 1)
         weights = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=-1)

@@ -119,9 +119,11 @@ class RecallBatch:
         return self.query_segments - self.evidence_segments
 
     def training_batch(self, segment_length: int) -> dict:
-        """The batch as :func:`hmt.training.training_loss` takes it (the evidence by its first token)."""
+        """The batch as :func:`hmt.training.training_loss` takes it (the evidence by its first token; the
+        key's first digit, and all of them, as the write loss's targets)."""
         return {"input_ids": self.input_ids, "labels": self.labels,
-                "evidence_position": self.evidence_segments * segment_length, "answer_token": self.answers[:, 0]}
+                "evidence_position": self.evidence_segments * segment_length, "answer_token": self.answers[:, 0],
+                "answer_tokens": self.answers}
 
 
 def make_batch(

@@ -175,7 +175,8 @@ class QADataset(Dataset):
     a token: :func:`_place_evidence`); ``evidence_problems[i]`` says why item i has none
     (e.g. ``"not found in the context"``, ``"cut away by max_length"``; ``""`` where it has one).
     Such items also hold ``answer_token``, the answer's first token that is not blank
-    (``answer_tokens[i]``, -1 for none): the target of the write loss
+    (``answer_tokens[i]``, -1 for none): the target of the write loss, and ``answer_tokens``, the
+    answer from that token on (up to 16 tokens): memory token i's target with several memory tokens
     (:func:`hmt.training.write_loss`).
     """
 
@@ -203,6 +204,7 @@ class QADataset(Dataset):
         self.evidence_positions: List[int] = []
         self.evidence_problems: List[str] = []  # why an example's evidence has no position ("" where it has one)
         self.answer_tokens: List[int] = []  # the answer's first non-blank token (-1: none), the write loss's target
+        self.answer_spans: List[List[int]] = []  # the answer from that token on (up to 16): several memory tokens' targets
         for ex in tqdm(self.examples, desc="tokenising tasks", unit="ex", disable=not progress, dynamic_ncols=True):
             fields = {"context": ex.context, "prompt": ex.prompt, "answer": ex.answer}
             c, p, a = encode_batch(
@@ -210,6 +212,7 @@ class QADataset(Dataset):
                 [context_template.format(**fields), prompt_template.format(**fields), answer_template.format(**fields)],
             )
             self.answer_tokens.append(_first_non_blank(tokenizer, a))
+            self.answer_spans.append(_from_first_non_blank(a, self.answer_tokens[-1]))
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
@@ -241,7 +244,14 @@ class QADataset(Dataset):
         if self.evidence_positions[i] >= 0:
             item["evidence_position"] = torch.tensor(self.evidence_positions[i])
             item["answer_token"] = torch.tensor(self.answer_tokens[i])
+            item["answer_tokens"] = torch.tensor(self.answer_spans[i], dtype=torch.long)
         return item
+
+
+def _from_first_non_blank(tokens, first: int, limit: int = 16) -> List[int]:
+    """``tokens`` from ``first`` (the first non-blank one) on, at most ``limit``; [] when ``first`` is -1."""
+    tokens = [int(t) for t in tokens]
+    return tokens[tokens.index(first):][:limit] if first in tokens else []
 
 
 def _first_non_blank(tokenizer, tokens) -> int:
@@ -355,4 +365,9 @@ def pad_collate(batch: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0)
         batch_out["evidence_position"] = torch.tensor([int(item.get("evidence_position", -1)) for item in batch])
     if any("answer_token" in item for item in batch):  # -1: none
         batch_out["answer_token"] = torch.tensor([int(item.get("answer_token", -1)) for item in batch])
+    if any("answer_tokens" in item for item in batch):  # (B, longest answer), -1 beyond each row's
+        spans = [item.get("answer_tokens", torch.zeros(0, dtype=torch.long)) for item in batch]
+        batch_out["answer_tokens"] = torch.full((len(batch), max(1, max(len(t) for t in spans))), -1, dtype=torch.long)
+        for row, span in enumerate(spans):
+            batch_out["answer_tokens"][row, : len(span)] = span
     return batch_out

@@ -39,9 +39,9 @@ def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = Tru
                                    if "evidence_position" in batch else out.loss.new_zeros(()))
         loss = loss + retrieval_loss_weight * terms["retrieval_loss"]
     if write_loss_weight > 0:
-        terms["write_loss"] = (write_loss(out, batch["evidence_position"], batch["answer_token"],
-                                          model.embedding_layer.weight, L)
-                               if "evidence_position" in batch and "answer_token" in batch else out.loss.new_zeros(()))
+        answers = batch.get("answer_tokens", batch.get("answer_token"))
+        terms["write_loss"] = (write_loss(out, batch["evidence_position"], answers, model.embedding_layer.weight, L)
+                               if "evidence_position" in batch and answers is not None else out.loss.new_zeros(()))
         loss = loss + write_loss_weight * terms["write_loss"]
     return loss, out, terms
 
@@ -56,19 +56,24 @@ def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tenso
     non-blank token), where m is ``out.memory_embeddings[b, evidence_positions[b] // L]``. Without
     it SmolLM2's memories of different passkeys stayed 99.7% alike and its answer at chance
     (benchmarks/README.md, "Write or read?"). Rows with -1 for either, or whose evidence lies
-    past this call's segments, are left out; 0 (no gradient) when no row is left. With several
-    memory tokens per segment (``HMTConfig.memory_tokens``) the first one names the answer.
+    past this call's segments, are left out; 0 (no gradient) when no row is left. With r memory
+    tokens per segment (``HMTConfig.memory_tokens``) and ``answer_tokens (B, A)`` (the answer from its
+    first non-blank token on, -1 past its end), memory token i names answer token i (i < min(r, A)).
     """
     memories = out.memory_embeddings
     if memories is None:
         raise ValueError("write_loss needs an output of a forward with memory (use_memory=True).")
+    d = embeddings.shape[1]
+    targets = answer_tokens.view(answer_tokens.shape[0], -1)  # (B, A): token i of the answer, -1 past its end
+    r = min(memories.shape[-1] // d, targets.shape[1])  # memory token i names answer token i
     segments = torch.div(evidence_positions, segment_length, rounding_mode="floor")
-    keep = (evidence_positions >= 0) & (answer_tokens >= 0) & (segments < memories.shape[1])
+    keep = (evidence_positions >= 0) & (targets[:, 0] >= 0) & (segments < memories.shape[1])
     rows = keep.nonzero().squeeze(1)
     if rows.numel() == 0:
         return memories.new_zeros((), dtype=torch.float32)
-    written = memories[rows, segments[rows], : embeddings.shape[1]].float()  # (R, d): r tokens: the first
-    return torch.nn.functional.cross_entropy(written @ embeddings.float().T, answer_tokens[rows])
+    written = memories[rows, segments[rows], : r * d].float().view(len(rows), r, d)  # (R, r, d)
+    return torch.nn.functional.cross_entropy((written @ embeddings.float().T).flatten(0, 1),
+                                             targets[rows, :r].flatten(), ignore_index=-1)
 
 
 def sparse_bptt_segments(batch: dict, segment_length: int, negatives: int = 0,
