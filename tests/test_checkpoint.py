@@ -121,7 +121,7 @@ def test_lora_settings_of_another_peft_version_load_when_they_change_nothing(tmp
         del compat.LORA_DEPENDENT["future_group_size"]
 
 
-@pytest.mark.parametrize("adapter", ["smollm2-135m", "smollm2-135m-baseline"])
+@pytest.mark.parametrize("adapter", ["smollm2-135m", "smollm2-135m-baseline", "smollm2-135m-recall"])
 def test_shipped_lora_settings_fit_the_installed_peft(adapter):
     """The shipped adapters were saved with peft 0.21; their LoRA settings must build a LoraConfig on
     every supported peft (CI runs this on the oldest, 0.13)."""

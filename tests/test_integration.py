@@ -257,3 +257,22 @@ def test_main_job_runs(tmp_path):
     assert "HMT vs disjoint segments" in result.stdout
     for name in ("results.json", "ppl_by_segment.png", "retrieval_heatmap.png", "memory_similarity.png", "cache_growth.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.integration
+def test_recall_adapter_recalls_a_passkey_two_segments_back():
+    """The ``smollm2-135m-recall`` stage (five copy-written memory tokens per segment) names the first four
+    digits of a passkey 512 tokens back, out of its 256-token window; the backbone given that window cannot."""
+    from hmt import passkey
+
+    model, tokenizer = hmt.load_pretrained("smollm2-135m-recall")
+    assert model.config.memory_tokens == 5 and model.config.memory_write == "copy"
+    for key in ("48213", "90577"):  # not training keys: those skip the evaluation's (hmt.passkey.evaluation_keys)
+        ids = passkey.make_prompt(tokenizer, 512, key).ids.view(1, -1)
+        with torch.no_grad():
+            out = model.generate(ids, memory_state=model.new_memory(1), max_new_tokens=7)
+            window = model.backbone.generate(ids[:, -256:], max_new_tokens=7, do_sample=False,
+                                             pad_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert answer[:4] == key[:4], (key, answer)
+        assert key[:4] not in tokenizer.decode(window[0, 256:], skip_special_tokens=True), key
