@@ -141,10 +141,10 @@ def write_scores(memory: torch.Tensor, table: torch.Tensor, labels: torch.Tensor
     ``memory . table`` against the key's first digit (``first``) or the mean over its digits (``bag``;
     a hit when the top token is one of them). The key's digits are the last ``digits`` answer labels."""
     keys = labels[:, -digits:]
-    log_p = torch.log_softmax(memory.float() @ table.float().T, dim=-1)
-    top = log_p.argmax(-1)
     if memory.dim() == 3 and memory.shape[1] == 1:  # one memory token
         memory = memory[:, 0]
+    log_p = torch.log_softmax(memory.float() @ table.float().T, dim=-1)
+    top = log_p.argmax(-1)
     if memory.dim() == 3:  # r memory tokens: token i names digit i (those past the key name nothing)
         n = min(memory.shape[1], digits)
         loss = -log_p[:, :n].gather(2, keys[:, :n, None]).squeeze(2)

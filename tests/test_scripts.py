@@ -140,6 +140,11 @@ def test_recall_read_write_loss_reads_the_memory_as_a_token():
     assert (first[0] < second[0]).all()
     bag = module.write_scores(4 * table[[5, 9]], table, labels, 3, "bag")  # a later digit counts in a bag
     assert bag[1].tolist() == [1.0, 1.0]
+    for target in ("first", "bag"):  # the script passes one memory token as (B, 1, d): the same scores
+        flat, token = module.write_scores(4 * table[[3, 7]], table, labels, 3, target), \
+            module.write_scores(4 * table[[3, 7]][:, None], table, labels, 3, target)
+        torch.testing.assert_close(token[0], flat[0])
+        assert token[1].tolist() == flat[1].tolist()
     assert module.mean_cosine(torch.ones(4, 8)) == pytest.approx(1.0)
     assert module.mean_cosine(torch.eye(4)) == pytest.approx(0.0)
 
