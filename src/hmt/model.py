@@ -465,7 +465,8 @@ class HMT(nn.Module):
             token_embeds = self.embedding_layer(seg_ids)  # (B, l, d)
             recalled, weights = self.read_memory(state, token_embeds, seg_lens, summary)
             # [P_n | sensory | E_n | P_n]: the leading P_n is read by the segment, the trailing
-            # one (right after each row's last real token) is where m_n is written.
+            # one (right after each row's last real token) is where m_n is written; a 'copy'
+            # write has no trailing P_n (m_n points into E_n).
             copying = self.config.memory_write == "copy"
             packed = self.augmented_inputs(self.memory_tokens(recalled), state.sensory_ids, sensory_lengths,
                                            token_embeds, seg_lens, write_slot=not copying)

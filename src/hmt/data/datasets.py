@@ -211,8 +211,9 @@ class QADataset(Dataset):
                 tokenizer,
                 [context_template.format(**fields), prompt_template.format(**fields), answer_template.format(**fields)],
             )
-            self.answer_tokens.append(_first_non_blank(tokenizer, a))
-            self.answer_spans.append(_from_first_non_blank(a, self.answer_tokens[-1]))
+            span = _from_first_non_blank(tokenizer, a)
+            self.answer_tokens.append(span[0] if span else -1)
+            self.answer_spans.append(span)
             a = list(a) + ([int(eos)] if eos is not None else [])
             if not a:
                 raise ValueError(f"Example {ex.name!r} has an empty answer.")
@@ -248,20 +249,14 @@ class QADataset(Dataset):
         return item
 
 
-def _from_first_non_blank(tokens, first: int, limit: int = 16) -> List[int]:
-    """``tokens`` from ``first`` (the first non-blank one) on, at most ``limit``; [] when ``first`` is -1."""
-    tokens = [int(t) for t in tokens]
-    return tokens[tokens.index(first):][:limit] if first in tokens else []
-
-
-def _first_non_blank(tokenizer, tokens) -> int:
-    """The first of ``tokens`` whose text is not blank (the first token when the tokenizer cannot
-    decode; -1 when there is none)."""
+def _from_first_non_blank(tokenizer, tokens, limit: int = 16) -> List[int]:
+    """``tokens`` from the first whose text is not blank on, at most ``limit`` (from the first token
+    when the tokenizer cannot decode; [] when every token is blank)."""
     decode = getattr(tokenizer, "decode", None)
-    for token in tokens:
+    for i, token in enumerate(tokens):
         if decode is None or decode([int(token)]).strip():
-            return int(token)
-    return -1
+            return [int(t) for t in tokens[i : i + limit]]
+    return []
 
 
 def _kept_ranges(length: int, keep: int, side: str) -> List[Tuple[int, int]]:
