@@ -155,6 +155,37 @@ def test_write_loss_with_several_memory_tokens_by_hand():
         (hand[0].item() + hand[2].item()) / 2, rel=1e-6)
 
 
+def test_copy_write_loss_is_the_pointer_mass_on_the_answer_and_moves_a_saturated_pointer():
+    """With the 'copy' write the write loss is -log of the weight pointer i puts on the evidence segment's
+    positions holding answer token i. A pointer saturated on a wrong position (as SmolLM2's fifth memory token
+    was, on the key's first digit) gets a full gradient from it, and next to none through the copied embedding."""
+    from hmt.training import write_loss
+
+    L = 4
+    input_ids = torch.tensor([[5, 7, 5, 9, 1, 2, 3, 4]])  # two segments; the evidence is in segment 0
+    scores = torch.zeros(1, 3, L)
+    scores[0, 1, 0] = 100.0  # pointer 1 saturated on position 0 (token 5); its answer token is 9 (position 3)
+    scores.requires_grad_(True)
+    pointers = [torch.log_softmax(scores, -1), torch.log_softmax(torch.zeros(1, 3, L), -1)]
+    table = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    memories = torch.stack([pointers[s].exp() @ table[input_ids[:, s * L: (s + 1) * L]] for s in range(2)], 1)
+    out = SimpleNamespace(memory_embeddings=memories.flatten(2), write_pointers=pointers)
+    answers = torch.tensor([[5, 9, 8]])  # token 8 is not in the segment: left out
+    loss = write_loss(out, torch.tensor([1]), answers, table, L, input_ids)
+    hand = -(torch.logsumexp(pointers[0][0, 0, [0, 2]], 0) + pointers[0][0, 1, 3]) / 2
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    assert loss.item() > 40  # pointer 1's mass on token 9 is about e^-100
+    (pointer_grad,) = torch.autograd.grad(loss, scores, retain_graph=True)
+    assert pointer_grad[0, 1, 0] == pytest.approx(0.5, rel=1e-4)  # pushed off the wrong position: d/ds = p / 2
+    assert pointer_grad[0, 1, 3] == pytest.approx(-0.5, rel=1e-4)  # and onto the answer's
+    # the loss through the copied embedding (the 'state' write's form) leaves the saturated pointer where it is
+    through_copy = torch.nn.functional.cross_entropy(memories[0, 0] @ table.T, answers[0])
+    (copy_grad,) = torch.autograd.grad(through_copy, scores)
+    assert copy_grad[0, 1].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="input_ids"):
+        write_loss(out, torch.tensor([1]), answers, table, L)
+
+
 def test_copy_write_learns_every_digit_of_the_key_with_the_write_loss():
     """memory_write='copy' with one memory token per digit: a few steps of the write loss make the key
     segment's memory tokens name all of the key's digits (the state write names at most the first)."""
@@ -174,7 +205,9 @@ def test_copy_write_learns_every_digit_of_the_key_with_the_write_loss():
     with torch.no_grad():
         _, out, _ = training_loss(model, batch, write_loss_weight=1.0)
     memory = out.memory_embeddings[torch.arange(16), batch["evidence_position"] // 16].view(16, TASK.num_digits, -1)
-    named = (memory @ model.embedding_layer.weight.T).argmax(-1)
+    # each memory token is a copy of its digit's embedding: the nearest token embedding is the digit
+    # (not the largest dot product: with embeddings of different norms that can be another token)
+    named = torch.cdist(memory, model.embedding_layer.weight.expand(16, -1, -1)).argmin(-1)
     assert (named == batch["answer_tokens"]).float().mean() > 0.9, named
 
 

@@ -153,6 +153,10 @@ def test_copy_write_matches_spec_loop_and_trains_its_pointer():
     torch.testing.assert_close(out.memory_embeddings[0], ref_memories, **TOL)
     torch.testing.assert_close(out.memory_state.memories(0), ref_cache, **TOL)
     assert model.config.augmented_length == k + L + r
+    # the pointers the output reports are the weights each memory token was copied with
+    for s, log_weights in enumerate(out.write_pointers):
+        segment = model.embedding_layer(ids[s * L: (s + 1) * L])  # (l, d)
+        torch.testing.assert_close(log_weights[0].exp() @ segment, out.memory_embeddings[0, s].view(r, -1), **TOL)
     labels = torch.full((1, len(ids)), -100)
     labels[0, 3 * L :] = ids[3 * L :]  # a loss on later segments only: it reaches the write through the cache
     model(ids.unsqueeze(0), labels=labels, memory_state=model.new_memory(1)).loss.backward()

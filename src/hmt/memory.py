@@ -431,17 +431,21 @@ class MemoryEmbeddingGenerator(nn.Module):
         """``hidden_states (B, T, d)``, ``attention_mask (B, T)`` (1 = real, right-padded) -> ``(B, d)``."""
         return self.compress(pool(hidden_states, attention_mask, extraction_strategy or self.extraction_strategy))
 
-    def copy(self, hidden: torch.Tensor, token_embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def copy(self, hidden: torch.Tensor, token_embeds: torch.Tensor, lengths: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """The 'copy' write: ``hidden (B, l, d)`` final hidden states and ``token_embeds (B, l, d)`` input
         embeddings of a segment's positions, ``lengths (B,)`` real ones -> ``(B, r*d)``, memory token i being
-        ``sum_t softmax_t(q_i . W_c h_t / sqrt(d_h)) E_t`` over the real positions, h_t scaled to unit RMS."""
+        ``sum_t softmax_t(q_i . W_c h_t / sqrt(d_h)) E_t`` over the real positions, h_t scaled to unit RMS;
+        and the pointers' log-weights ``(B, r, l)`` in float32 (-inf past a row's length), what the write
+        loss trains: a saturated pointer passes no gradient through the copy, but does through these."""
         hidden = hidden.float()
         unit = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
         keys = F.linear(unit, self.copy_key.weight.float())  # (B, l, d_h)
         scores = torch.einsum("rh,blh->brl", self.copy_queries.float(), keys) / math.sqrt(keys.shape[-1])
         real = torch.arange(hidden.shape[1], device=hidden.device).view(1, 1, -1) < lengths.clamp(min=1).view(-1, 1, 1)
-        weights = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=-1)
-        return torch.einsum("brl,bld->brd", weights.to(token_embeds.dtype), token_embeds).flatten(1)
+        log_weights = torch.log_softmax(scores.masked_fill(~real, float("-inf")), dim=-1)
+        memory = torch.einsum("brl,bld->brd", log_weights.exp().to(token_embeds.dtype), token_embeds).flatten(1)
+        return memory, log_weights
 
     def compress(self, out: torch.Tensor) -> torch.Tensor:
         """The learned layer alone, on extracted states ``(..., d)`` (r memory tokens: each one)."""

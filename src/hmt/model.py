@@ -54,6 +54,9 @@ class HMTOutput(ModelOutput):
         nll_sum: ``(B,)`` summed next-token negative log-likelihood (when ``labels`` given).
         num_tokens: ``(B,)`` tokens scored.
         segment_nll, segment_tokens: ``(B, S)`` the same per segment.
+        write_pointers: with ``memory_write="copy"``, per segment ``(B, r, l)`` the log-weights of
+            the positions each memory token copied from (positions as the model read them,
+            left-aligned; -inf past a row's end); None with the default write.
     """
 
     loss: Optional[torch.Tensor] = None
@@ -66,6 +69,7 @@ class HMTOutput(ModelOutput):
     num_tokens: Optional[torch.Tensor] = None
     segment_nll: Optional[torch.Tensor] = None
     segment_tokens: Optional[torch.Tensor] = None
+    write_pointers: Optional[list] = None
 
 
 @dataclass
@@ -77,6 +81,7 @@ class MemoryStep:
     memory: torch.Tensor  # (B, r*d) m_n, the memory it wrote (r = config.memory_tokens, usually 1)
     weights: torch.Tensor  # (B, C) the search's weights over the cache as it stood
     retrieved_segments: torch.Tensor  # (B, C) the segment that wrote each cache entry (-1: empty)
+    write_pointers: Optional[torch.Tensor] = None  # 'copy' write: (B, r, l) log-weights of where each memory token copies from
 
 
 class HMT(nn.Module):
@@ -339,7 +344,7 @@ class HMT(nn.Module):
         lengths_on_device = batch.mask.sum(1)
         sensory_lengths = state.sensory_lengths.tolist()
         encodings = _SegmentEncodings(self, batch.ids, batch.lengths, state, checkpointing, selected)
-        weights, retrieved, memories = [], [], []
+        weights, retrieved, memories, pointers = [], [], [], []
         for s in range(batch.num_segments(L)):
             seg_ids, seg_lens = batch.segment(s, L)
             targets, num_scored = scores.segment(s, seg_ids.shape[1])
@@ -354,6 +359,7 @@ class HMT(nn.Module):
             memories.append(step.memory)
             weights.append(step.weights)
             retrieved.append(step.retrieved_segments)
+            pointers.append(step.write_pointers)
             if detach_every is not None and (s + 1) % detach_every == 0:
                 state = state.detach()
 
@@ -363,7 +369,9 @@ class HMT(nn.Module):
         # Every field goes in at construction: transformers 4.x ModelOutput only indexes
         # (out["logits"]) the fields it was built with.
         return HMTOutput(memory_state=state, retrieval_weights=weights, retrieved_segments=retrieved,
-                         memory_embeddings=torch.stack(memories, dim=1), **scores.fields(batch.restore))
+                         memory_embeddings=torch.stack(memories, dim=1),
+                         write_pointers=pointers if self.config.memory_write == "copy" else None,
+                         **scores.fields(batch.restore))
 
     def _starting_state(self, memory_state: Optional[MemoryState], batch_size: int) -> MemoryState:
         """The memory a call starts from: ``memory_state``, else the stateful one, else a new one."""
@@ -475,8 +483,9 @@ class HMT(nn.Module):
             r = self.config.memory_tokens
             if lengths is None:
                 lengths = torch.as_tensor(seg_lens, device=seg_ids.device)
+            pointers = None
             if copying:  # memory token i: the segment's input embeddings, weighted by where q_i points
-                memory = self.memory_generator.copy(segment_hidden, token_embeds, lengths)
+                memory, pointers = self.memory_generator.copy(segment_hidden, token_embeds, lengths)
             elif r == 1:
                 memory = self.memory_generator(hidden, packed.attention_mask)  # (B, d)
             else:  # the trailing r positions, each compressed: (B, r*d)
@@ -484,7 +493,7 @@ class HMT(nn.Module):
         active = lengths > 0
         state = state.push(memory, active, self.config.num_memory_embeddings, trim=trim)
         state = state.with_sensory(seg_ids, lengths, active)
-        return MemoryStep(segment_hidden, state, memory, weights, retrieved_segments)
+        return MemoryStep(segment_hidden, state, memory, weights, retrieved_segments, pointers)
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, input_ids, attention_mask=None, labels=None):

@@ -40,14 +40,15 @@ def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = Tru
         loss = loss + retrieval_loss_weight * terms["retrieval_loss"]
     if write_loss_weight > 0:
         answers = batch.get("answer_tokens", batch.get("answer_token"))
-        terms["write_loss"] = (write_loss(out, batch["evidence_position"], answers, model.embedding_layer.weight, L)
+        terms["write_loss"] = (write_loss(out, batch["evidence_position"], answers, model.embedding_layer.weight, L,
+                                          batch["input_ids"])
                                if "evidence_position" in batch and answers is not None else out.loss.new_zeros(()))
         loss = loss + write_loss_weight * terms["write_loss"]
     return loss, out, terms
 
 
 def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tensor, embeddings: torch.Tensor,
-               segment_length: int) -> torch.Tensor:
+               segment_length: int, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The write loss: the memory that the evidence's segment wrote, read as a token, names the answer.
 
     A memory m enters later segments as an input embedding, so it is read like a token; this term
@@ -59,6 +60,14 @@ def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tenso
     past this call's segments, are left out; 0 (no gradient) when no row is left. With r memory
     tokens per segment (``HMTConfig.memory_tokens``) and ``answer_tokens (B, A)`` (the answer from its
     first non-blank token on, -1 past its end), memory token i names answer token i (i < min(r, A)).
+
+    With the 'copy' write (``out.write_pointers`` set) memory token i is a mix of the segment's own
+    input embeddings, and the term is the pointer's: ``-log`` of the weight its softmax puts on the
+    positions of the evidence segment that hold answer token i (``input_ids (B, T)``, positions as
+    the model read them: right-padded rows), computed from the log-weights. A pointer saturated on
+    a wrong position passes almost no gradient through the copied embedding (SmolLM2's fifth
+    memory token stuck on the key's first digit for 360 examples), but this loss still moves it.
+    Tokens the segment does not hold are left out.
     """
     memories = out.memory_embeddings
     if memories is None:
@@ -71,9 +80,32 @@ def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tenso
     rows = keep.nonzero().squeeze(1)
     if rows.numel() == 0:
         return memories.new_zeros((), dtype=torch.float32)
+    pointers = getattr(out, "write_pointers", None)
+    if pointers is not None:
+        if input_ids is None:
+            raise ValueError("write_loss with memory_write='copy' needs the batch's input_ids (where the answer's tokens are).")
+        return _pointer_loss(pointers, rows.tolist(), segments, targets[:, :r], input_ids, segment_length)
     written = memories[rows, segments[rows], : r * d].float().view(len(rows), r, d)  # (R, r, d)
     return torch.nn.functional.cross_entropy((written @ embeddings.float().T).flatten(0, 1),
                                              targets[rows, :r].flatten(), ignore_index=-1)
+
+
+def _pointer_loss(pointers: list, rows: list, segments: torch.Tensor, targets: torch.Tensor, input_ids: torch.Tensor,
+                  segment_length: int) -> torch.Tensor:
+    """Mean over (row, i) of ``-logsumexp`` of pointer i's log-weights over the evidence segment's
+    positions holding ``targets[row, i]``; pairs with no such position (or target -1) left out."""
+    terms = []
+    for b in rows:
+        s = int(segments[b])
+        ids = input_ids[b, s * segment_length: s * segment_length + pointers[s].shape[-1]]
+        log_weights = pointers[s][b, : targets.shape[1], : ids.shape[0]]  # (r, l)
+        match = (ids.view(1, -1) == targets[b].view(-1, 1)) & (targets[b] >= 0).view(-1, 1)  # (r, l)
+        found = match.any(1)
+        if bool(found.any()):
+            terms.append(-torch.logsumexp(log_weights.masked_fill(~match, float("-inf")), -1)[found])
+    if not terms:
+        return pointers[0].new_zeros(()) if pointers and pointers[0] is not None else torch.zeros(())
+    return torch.cat(terms).mean()
 
 
 def sparse_bptt_segments(batch: dict, segment_length: int, negatives: int = 0,
