@@ -5,6 +5,7 @@ Run with ``python -m pytest tests/test_integration.py -q``; deselect with ``-m "
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -276,3 +277,27 @@ def test_recall_adapter_recalls_a_passkey_two_segments_back():
         answer = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
         assert answer[:4] == key[:4], (key, answer)
         assert key[:4] not in tokenizer.decode(window[0, 256:], skip_special_tokens=True), key
+
+
+@pytest.mark.integration
+def test_chat_told_a_passkey_answers_it_in_a_second_process_segments_later(tmp_path):
+    """``hmt chat --memory-file``: told a key in one process, then four long messages (five 256-token
+    segments in all), the recall adapter names the key when asked in a new process, whose window
+    holds only the question. The key is one of the evaluation's, never trained on."""
+    key = "60494"  # hmt.passkey.evaluation_keys(0): held out of every training task
+    memory = tmp_path / "chat.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def chat(lines: list, new_tokens: int) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "hmt.cli", "chat", "--checkpoint", "smollm2-135m-recall",
+                   "--memory-file", str(memory), "--max-new-tokens", str(new_tokens)]
+        result = subprocess.run(command, input="\n".join(lines) + "\n", cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    chat([f"The pass key is {key}. Remember it. {key} is the pass key."] + [LONG_PARAGRAPH] * 4, 8)
+    asked = chat(["What is the pass key?"], 12)
+    read = re.search(r"memory from \S+: (\d+) segments read", asked.stderr)
+    assert read and int(read.group(1)) >= 4, asked.stderr[-2000:]
+    assert key in asked.stdout, asked.stdout
