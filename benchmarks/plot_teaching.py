@@ -1,6 +1,8 @@
 """The curves of a staged passkey teaching run: training loss (answers and mixed-in LM windows,
-a moving average) and retrieval loss per stage, with each stage's held-out answer perplexity
-against chance (a 5-digit key: 5 digit tokens at 1/10 and two predictable tokens, 10^(5/7)).
+a moving average), retrieval loss and write loss per stage; each stage's held-out answer perplexity
+against chance (a 5-digit key: 5 digit tokens at 1/10 and two predictable tokens, 10^(5/7)) and
+held-out LM perplexity; and, for stages whose folder holds a passkey.json (examples/passkey.py),
+whole-key accuracy by key distance.
 
     python benchmarks/plot_teaching.py benchmarks/results/smollm2-passkey-cpu --stages near short short_sink short_mean \
         --out docs/figures/passkey_teaching.png
@@ -14,6 +16,11 @@ import sys
 from pathlib import Path
 
 from hmt.arguments import Parser, check_output_file, run
+
+
+def moving_average(values: list, window: int) -> list:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
 
 
 def main(argv=None) -> None:
@@ -34,28 +41,42 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
-    offset, names, answers = 0, [], []
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    (ax1, ax2, ax3), (ax4, ax5, ax6) = axes
+    offset, names, answers, documents = 0, [], [], []
     for stage in stages:
         rows = [json.loads(line) for line in open(stage / "metrics.jsonl")]
         rows.sort(key=lambda r: r["step"])
-        loss = [r["loss"] for r in rows]
-        smooth = [sum(loss[max(0, i - args.window + 1): i + 1]) / len(loss[max(0, i - args.window + 1): i + 1])
-                  for i in range(len(loss))]
         steps = [offset + r["step"] for r in rows]
-        ax1.plot(steps, smooth, label=stage.name)
+        ax1.plot(steps, moving_average([r["loss"] for r in rows], args.window), label=stage.name)
         ax2.plot(steps, [r.get("retrieval_loss") or 0.0 for r in rows], label=stage.name)
+        if any(r.get("write_loss") for r in rows):
+            ax3.plot(steps, moving_average([r.get("write_loss") or 0.0 for r in rows], args.window), label=stage.name)
         offset = steps[-1]
         final = rows[-1]
         names.append(stage.name)
         answers.append(final.get("val_answers_ppl", float("nan")))
+        documents.append(final.get("val_documents_ppl", float("nan")))
+        passkey = stage / "passkey.json"
+        if passkey.is_file():
+            hmt = json.loads(passkey.read_text()).get("hmt", {})
+            distances = sorted(hmt, key=int)
+            ax5.plot([int(d) for d in distances], [hmt[d] for d in distances], marker="o", label=stage.name)
     ax1.set(title="training loss (moving average)", xlabel="optimizer step (stages end to end)")
     ax2.set(title="retrieval loss", xlabel="optimizer step")
-    ax3.bar(names, answers)
-    ax3.axhline(10 ** (5 / 7), color="k", linestyle="--", label="chance (5 digits)")
-    ax3.set(title="held-out answer perplexity at the stage's end", ylim=(0, 6))
-    for ax in (ax1, ax2, ax3):
-        ax.legend()
+    ax3.set(title="write loss (moving average; copy write only)", xlabel="optimizer step")
+    ax4.bar(names, answers)
+    ax4.axhline(10 ** (5 / 7), color="k", linestyle="--", label="chance (5 digits)")
+    ax4.set(title="held-out answer perplexity at the stage's end", ylim=(0, 6))
+    ax5.set(title="passkey, whole key (examples/passkey.py)", xlabel="key distance (tokens)",
+            ylabel="accuracy", xscale="log", ylim=(-0.05, 1.05))
+    ax6.bar(names, documents)
+    ax6.set(title="held-out LM perplexity at the stage's end")
+    for ax in (ax1, ax2, ax3, ax4, ax5):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    for ax in (ax4, ax6):
+        ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)

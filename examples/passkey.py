@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hmt  # noqa: E402
 from hmt import checkpoint, passkey  # noqa: E402
 from hmt.arguments import Parser, check_output_dir, check_output_file, non_negative_int, positive_int, run  # noqa: E402
+from hmt.utils import quiet_libraries  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--task-count", type=positive_int, default=4000)
     parser.add_argument("--task-distances", type=positive_int, nargs=2, default=[200, 600], metavar=("MIN", "MAX"))
     args = parser.parse_args(argv)
+    quiet_libraries()
     if args.write_task:
         if args.task_distances[0] > args.task_distances[1]:
             parser.error(f"argument --task-distances: MIN {args.task_distances[0]} is above MAX {args.task_distances[1]}")
