@@ -1,10 +1,11 @@
 """The curves of a staged passkey teaching run: training loss (answers and mixed-in LM windows,
 a moving average), retrieval loss and write loss per stage; each stage's held-out answer perplexity
 against chance (a 5-digit key: 5 digit tokens at 1/10 and two predictable tokens, 10^(5/7)) and
-held-out LM perplexity; and, for stages whose folder holds a passkey.json (examples/passkey.py),
-whole-key accuracy by key distance.
+held-out LM perplexity (the main job's, from a stage's ppl.json, else the trainer's validation
+documents; a shipped_ppl.json beside the stages draws the starting adapter's as a line); and, for
+stages whose folder holds a passkey.json (examples/passkey.py), whole-key accuracy by key distance.
 
-    python benchmarks/plot_teaching.py benchmarks/results/smollm2-passkey-cpu --stages near short short_sink short_mean \
+    python benchmarks/plot_teaching.py benchmarks/results/smollm2-passkey-cpu --stages near short copy pointer_lm gentle memory_only gentler pointer_lm_split80 \
         --out docs/figures/passkey_teaching.png
 """
 
@@ -43,38 +44,52 @@ def main(argv=None) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     (ax1, ax2, ax3), (ax4, ax5, ax6) = axes
-    offset, names, answers, documents = 0, [], [], []
-    for stage in stages:
+    offset, names, answers, documents, main_job = 0, [], [], [], []
+    for index, stage in enumerate(stages):
+        color, marker = f"C{index % 10}", "osD^v<>ph*"[index % 10]
         rows = [json.loads(line) for line in open(stage / "metrics.jsonl")]
         rows.sort(key=lambda r: r["step"])
         steps = [offset + r["step"] for r in rows]
-        ax1.plot(steps, moving_average([r["loss"] for r in rows], args.window), label=stage.name)
-        ax2.plot(steps, [r.get("retrieval_loss") or 0.0 for r in rows], label=stage.name)
+        ax1.plot(steps, moving_average([r["loss"] for r in rows], args.window), color=color, label=stage.name)
+        ax2.plot(steps, [r.get("retrieval_loss") or 0.0 for r in rows], color=color)
         if any(r.get("write_loss") for r in rows):
-            ax3.plot(steps, moving_average([r.get("write_loss") or 0.0 for r in rows], args.window), label=stage.name)
+            ax3.plot(steps, moving_average([r.get("write_loss") or 0.0 for r in rows], args.window), color=color)
         offset = steps[-1]
         final = rows[-1]
         names.append(stage.name)
         answers.append(final.get("val_answers_ppl", float("nan")))
         documents.append(final.get("val_documents_ppl", float("nan")))
+        ppl = stage / "ppl.json"  # examples/main.py's results.json: the main job's held-out documents
+        main_job.append(json.loads(ppl.read_text())["protocols"]["hmt"]["ppl"] if ppl.is_file() else None)
         passkey = stage / "passkey.json"
         if passkey.is_file():
             hmt = json.loads(passkey.read_text()).get("hmt", {})
             distances = sorted(hmt, key=int)
-            ax5.plot([int(d) for d in distances], [hmt[d] for d in distances], marker="o", label=stage.name)
+            ax5.plot([int(d) for d in distances], [hmt[d] for d in distances], color=color, marker=marker,
+                     markersize=9 - index % 3 * 2, label=stage.name)
     ax1.set(title="training loss (moving average)", xlabel="optimizer step (stages end to end)")
     ax2.set(title="retrieval loss", xlabel="optimizer step")
     ax3.set(title="write loss (moving average; copy write only)", xlabel="optimizer step")
-    ax4.bar(names, answers)
+    ax4.bar(names, answers, color=[f"C{i % 10}" for i in range(len(names))])
     ax4.axhline(10 ** (5 / 7), color="k", linestyle="--", label="chance (5 digits)")
     ax4.set(title="held-out answer perplexity at the stage's end", ylim=(0, 6))
     ax5.set(title="passkey, whole key (examples/passkey.py)", xlabel="key distance (tokens)",
             ylabel="accuracy", xscale="log", ylim=(-0.05, 1.05))
-    ax6.bar(names, documents)
-    ax6.set(title="held-out LM perplexity at the stage's end")
-    for ax in (ax1, ax2, ax3, ax4, ax5):
+    # The main job's held-out perplexity where the stage folder has it (ppl.json), else the
+    # trainer's validation documents (hatched: another split's documents, not comparable).
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    ax6.bar(names, [m if m is not None else d for m, d in zip(main_job, documents)], color=colors,
+            hatch=[None if m is not None else "//" for m in main_job], alpha=1.0)
+    shipped = Path(args.folder) / "shipped_ppl.json"
+    if shipped.is_file():
+        ax6.axhline(json.loads(shipped.read_text())["protocols"]["hmt"]["ppl"], color="k", linestyle="--",
+                    label="the adapter taught from (main job)")
+        ax6.legend(loc="lower right")
+    ax6.set(title="held-out LM ppl (solid: main job; hatched: trainer)", ylim=(8, None))
+    ax1.legend(fontsize=8, ncol=2)
+    for ax in (ax4, ax5):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize=8)
     for ax in (ax4, ax6):
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
