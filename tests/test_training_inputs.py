@@ -124,7 +124,7 @@ def test_settings_without_effect_are_said(tmp_path, capsys, tokenizer):
     book = tmp_path / "book.txt"
     book.write_text(" ".join(f"w{3 + (i * 7) % 120}" for i in range(600)))
     config = tiny_config(tmp_path, steps=1, precision="fp16", mix_data="kjv", qa_options={"max_length": 50},
-                         retrieval_loss_weight=0.1, data=str(book),
+                         retrieval_loss_weight=0.1, data=str(book), split_fractions=(0.9, 0.1, 0.0),
                          hmt=dict(segment_length=L, sensory_memory_size=2, num_memory_embeddings=4, use_retrieval=False))
     result = train(config, backbone=tiny_backbone(), tokenizer=tokenizer)
     assert result.steps == 1 and "retrieval_loss" not in result.history[-1]
@@ -132,7 +132,8 @@ def test_settings_without_effect_are_said(tmp_path, capsys, tokenizer):
     for says in ("fp16 needs a CUDA GPU and this machine has none: the run is in fp32",
                  "mix_data has no effect with mix_fraction: 0", "qa_options has no effect with task: documents",
                  "retrieval_loss_weight: 0.1 has no effect with task: documents",
-                 "has no effect: this stage runs with retrieval off"):
+                 "has no effect: this stage runs with retrieval off",
+                 "split_fractions [0.9, 0.1, 0.0] leaves no test documents"):
         assert says in err, err
 
 

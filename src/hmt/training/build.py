@@ -117,7 +117,7 @@ def _document_data(config: TrainConfig, tokenizer, source, options: dict):
 
 
 def without_effect(config: TrainConfig) -> list[str]:
-    """Fields this run sets that do nothing, each as a sentence saying so."""
+    """Fields this run sets that do nothing, or not what they may seem to, each as a sentence saying so."""
     notes = []
     if config.mix_data is not None and config.mix_fraction == 0:
         notes.append("mix_data has no effect with mix_fraction: 0 (no language-model window is mixed in); "
@@ -126,6 +126,10 @@ def without_effect(config: TrainConfig) -> list[str]:
         notes.append("mix_data_options has no effect without mix_data")
     if config.task == "documents" and config.qa_options:
         notes.append("qa_options has no effect with task: documents (they are for task: qa)")
+    if (config.task == "documents" or config.mix_fraction > 0) and config.split_fractions[2] == 0:
+        notes.append(f"split_fractions {list(config.split_fractions)} leaves no test documents, so documents that an "
+                     "evaluation holds out (examples/main.py scores the test split of [0.8, 0.1, 0.1]) may be trained "
+                     "on; keep a test share, e.g. split_fractions: [0.8, 0.1, 0.1]")
     for name in ("retrieval_loss_weight", "write_loss_weight"):
         if config.task == "documents" and getattr(config, name) > 0:
             notes.append(f"{name}: {getattr(config, name)} has no effect with task: documents "
