@@ -70,16 +70,16 @@ def main(argv=None) -> None:
     ax1.set(title="training loss (moving average)", xlabel="optimizer step (stages end to end)")
     ax2.set(title="retrieval loss", xlabel="optimizer step")
     ax3.set(title="write loss (moving average; copy write only)", xlabel="optimizer step")
-    ax4.bar(names, answers, color=[f"C{i % 10}" for i in range(len(names))])
+    colors = [f"C{i % 10}" for i in range(len(names))]  # as in the loop above: a colour per stage
+    ax4.bar(names, answers, color=colors)
     ax4.axhline(10 ** (5 / 7), color="k", linestyle="--", label="chance (5 digits)")
     ax4.set(title="held-out answer perplexity at the stage's end", ylim=(0, 6))
     ax5.set(title="passkey, whole key (examples/passkey.py)", xlabel="key distance (tokens)",
             ylabel="accuracy", xscale="log", ylim=(-0.05, 1.05))
     # The main job's held-out perplexity where the stage folder has it (ppl.json), else the
     # trainer's validation documents (hatched: another split's documents, not comparable).
-    colors = [f"C{i % 10}" for i in range(len(names))]
     ax6.bar(names, [m if m is not None else d for m, d in zip(main_job, documents)], color=colors,
-            hatch=[None if m is not None else "//" for m in main_job], alpha=1.0)
+            hatch=[None if m is not None else "//" for m in main_job])
     shipped = Path(args.folder) / "shipped_ppl.json"
     if shipped.is_file():
         ax6.axhline(json.loads(shipped.read_text())["protocols"]["hmt"]["ppl"], color="k", linestyle="--",
