@@ -465,3 +465,59 @@ def test_a_run_removes_only_the_checkpoint_files_it_wrote(tmp_path):
     (untouched / "checkpoint").mkdir(parents=True)  # a run that never saves leaves an empty user folder too
     _run(tiny_config(untouched, steps=2, save_every=100))
     assert (untouched / "checkpoint").is_dir()
+
+
+def test_distill_loss_by_hand():
+    """KL(teacher || model) over every position of a language-model row and over the context of a
+    task row; the positions that predict a task row's answer are left free."""
+    from hmt.constants import IGNORE_INDEX
+    from hmt.training import distill_loss
+
+    torch.manual_seed(0)
+    B, T, V = 2, 6, 5
+    student, teacher = torch.randn(B, T, V), torch.randn(B, T, V)
+    labels = torch.arange(B * T).view(B, T) % V
+    labels[1, :4] = IGNORE_INDEX  # row 1: a task row whose answer is tokens 4-5 (predicted at 3-4)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 5] = 0  # row 0: a padded language-model row
+    labels[0, 5] = IGNORE_INDEX
+    kept = [(0, t) for t in range(5)] + [(1, 0), (1, 1), (1, 2), (1, 5)]
+    log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+    expected = sum((log_t[b, t].exp() * (log_t[b, t] - log_s[b, t])).sum() for b, t in kept) / len(kept)
+    assert distill_loss(student, teacher, labels, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    moved = student.clone()
+    moved[1, 3:5] += 10 * torch.randn(2, V)  # the answer's predictions: free
+    moved[0, 5] += 10 * torch.randn(V)  # padding: free
+    assert distill_loss(moved, teacher, labels, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distill_loss(teacher, teacher, labels, mask).item() == pytest.approx(0.0, abs=1e-6)
+    moved[1, 1] += 10 * torch.randn(V)  # the context: held to the teacher
+    assert distill_loss(moved, teacher, labels, mask).item() > expected.item() + 0.05
+
+
+def test_distillation_keeps_the_model_close_to_its_teacher(tmp_path):
+    """distill_from / distill_weight: a run that starts from a checkpoint and is held to it stays
+    closer to it on held-out documents than the same run without (same seed, steps, data); it logs
+    distill_loss; the teacher checkpoint is left as it was. A weight without a teacher is refused."""
+    from hmt.constants import IGNORE_INDEX
+    from hmt.training import distill_loss
+
+    start = _run(tiny_config(tmp_path / "start", steps=2, trainable="full"))
+    documents = torch.stack(eval_documents())
+
+    def distance_from_start(weight: float) -> float:
+        config = tiny_config(tmp_path / f"run{weight}", init_from=start.final_dir, steps=12, lr=1e-2, decay="constant", trainable="full",
+                             distill_from=start.final_dir, distill_weight=weight, eval_every=100, save_every=100)
+        result = _run(config)
+        logged = [json.loads(line) for line in (tmp_path / f"run{weight}" / "metrics.jsonl").read_text().splitlines()]
+        assert any("distill_loss" in record for record in logged) == (weight > 0)
+        models = [HMT.from_pretrained(tiny_backbone(), d).eval() for d in (result.final_dir, start.final_dir)]
+        with torch.no_grad():
+            student, teacher = (m(documents, memory_state=m.new_memory(len(documents))).logits for m in models)
+        return float(distill_loss(student, teacher, documents.masked_fill(documents < 0, IGNORE_INDEX)))
+
+    before = _weights(start)
+    held, free = distance_from_start(10.0), distance_from_start(0.0)
+    assert held < 0.5 * free, (held, free)
+    assert all(torch.equal(before[k], v) for k, v in _weights(start).items())
+    with pytest.raises(ValueError, match="distill_from"):
+        tiny_config(tmp_path / "bad", distill_weight=1.0)

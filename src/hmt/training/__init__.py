@@ -23,7 +23,7 @@ from .build import build_data, build_model, set_trainable
 from .config import TRAINABLE, TrainConfig, fields_help
 from .evaluation import evaluate_documents
 from .loop import TrainResult, batch_order, train
-from .objective import retrieval_loss, sparse_bptt_segments, supervised_retrieval_loss, training_loss, write_loss
+from .objective import distill_loss, retrieval_loss, sparse_bptt_segments, supervised_retrieval_loss, training_loss, write_loss
 from .optim import lr_factor, lr_lambda, make_optimizer, optimizer_groups, optimizer_step, parameter_groups
 from .recipe import load_recipe, run_recipe
 from .state import STATE_NAME
@@ -36,6 +36,7 @@ __all__ = [
     "batch_order",
     "build_data",
     "build_model",
+    "distill_loss",
     "evaluate_documents",
     "fields_help",
     "load_recipe",

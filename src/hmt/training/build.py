@@ -4,6 +4,7 @@ warnings a run gives about settings that do nothing."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Optional
 
@@ -48,6 +49,18 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
         model = HMT(backbone, config.hmt_config())
     set_trainable(model, config)
     return model
+
+
+def build_teacher(config: TrainConfig, backbone: nn.Module) -> Optional[HMT]:
+    """The frozen HMT that ``distill_weight`` keeps the model close to: ``config.distill_from`` on a
+    copy of ``backbone`` (taken before the trained model's LoRA goes into it), in eval mode, no
+    parameter requiring grad; None when the run does not distil."""
+    if config.distill_weight <= 0:
+        return None
+    read_meta(config.distill_from)  # a clear error before anything loads
+    teacher = HMT.from_pretrained(copy.deepcopy(backbone), config.distill_from)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def set_trainable(model: HMT, config: TrainConfig) -> list[str]:
@@ -130,6 +143,8 @@ def without_effect(config: TrainConfig) -> list[str]:
         notes.append(f"split_fractions {list(config.split_fractions)} leaves no test documents, so documents that an "
                      "evaluation holds out (examples/main.py scores the test split of [0.8, 0.1, 0.1]) may be trained "
                      "on; keep a test share, e.g. split_fractions: [0.8, 0.1, 0.1]")
+    if config.distill_from and config.distill_weight == 0:
+        notes.append("distill_from has no effect with distill_weight: 0; set distill_weight, e.g. 1.0")
     for name in ("retrieval_loss_weight", "write_loss_weight"):
         if config.task == "documents" and getattr(config, name) > 0:
             notes.append(f"{name}: {getattr(config, name)} has no effect with task: documents "

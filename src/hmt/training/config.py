@@ -79,6 +79,19 @@ class TrainConfig:
                           "the answer needs, which SmolLM2 could then read within a few hundred examples (1.0 in "
                           "benchmarks/recall_read.py). Logged as write_loss.", "min": 0},
     )
+    distill_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "An HMT checkpoint (adapter name or directory) whose next-token distributions the trained "
+                          "model must keep (distill_weight): a teacher read on the same inputs, from an empty memory, "
+                          "without gradient. Keeps a model taught a task close to what it was on everything else."},
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(teacher || model) of the next-token distributions (distill_from): over every "
+                          "position of a language-model row, and over the context of a task row (the positions whose "
+                          "next token carries no loss), so the answer itself is free to differ from a teacher that "
+                          "does not know it. Logged as distill_loss.", "min": 0},
+    )
     data_options: dict = field(default_factory=dict, metadata={
         "help": "Options for hmt.data.load_documents (task 'documents') or hmt.data.load_qa_examples (task 'qa')."})
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05)
@@ -157,6 +170,9 @@ class TrainConfig:
                              "set task: qa and mix_data.")
         if self.retrieval_loss_weight > 0 and self.use_memory is not True:
             raise ValueError("TrainConfig.retrieval_loss_weight supervises HMT's memory search: it needs use_memory: true.")
+        if self.distill_weight > 0 and not self.distill_from:
+            raise ValueError("TrainConfig.distill_weight needs distill_from: the HMT checkpoint (adapter name or directory) "
+                             "whose next-token distributions the model must keep, e.g. distill_from: smollm2-135m.")
         for name in ("data_options", "qa_options", "mix_data_options"):
             _check_options(name, getattr(self, name), _accepted_options(name, self.task))
         self.hmt_config()  # validate the HMT fields now, not after loading a model

@@ -18,7 +18,7 @@ from torch import nn
 from .. import backbone as bb
 from .. import checkpoint
 from .. import data as hdata
-from .build import build_data, build_model, evidence_report, trained_kind, without_effect
+from .build import build_data, build_model, build_teacher, evidence_report, trained_kind, without_effect
 from .config import TrainConfig
 from .distributed import accelerator_for, full_state_dict, full_tensor, is_fsdp, pad_to_longest_across
 from .evaluation import evaluate_documents
@@ -73,6 +73,8 @@ def train(
     if train_data is None:
         with accelerator.main_process_first():
             train_data, eval_data = build_data(config, tokenizer)
+    teacher = build_teacher(config, backbone)  # before build_model puts the trained LoRA into backbone
+    teacher = None if teacher is None else teacher.to(accelerator.device)
     model = build_model(config, backbone).to(accelerator.device)
     model.train()
     supervise_retrieval = (config.retrieval_loss_weight > 0 and model.config.use_retrieval
@@ -147,7 +149,7 @@ def train(
                     gradient_checkpointing=config.gradient_checkpointing, sparse_bptt=config.sparse_bptt, sparse_negatives=config.sparse_negatives,
                     retrieval_loss_weight=config.retrieval_loss_weight if supervise_retrieval else 0.0,
                     write_loss_weight=config.write_loss_weight if supervise_write else 0.0,
-                    forward=wrapped, autocast=accelerator.autocast)
+                    teacher=teacher, distill_weight=config.distill_weight, forward=wrapped, autocast=accelerator.autocast)
                 for name, value in terms.items():
                     aux_losses.setdefault(name, []).append(value.detach())
                 loss = loss / config.grad_accum
@@ -177,7 +179,7 @@ def train(
                 record.update({"val_loss": eval_result["loss"], "val_ppl": eval_result["ppl"]})
                 record.update({f"val_{k}": v for k, v in eval_result.items() if k in ("answers_ppl", "documents_ppl")})
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            **{k: f"{record[k]:.3f}" for k in ("retrieval_loss", "write_loss") if k in record},
+                            **{k: f"{record[k]:.3f}" for k in ("retrieval_loss", "write_loss", "distill_loss") if k in record},
                             **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}))
             if accelerator.is_main_process and logging:
                 with open(metrics_path, "a") as f:

@@ -15,22 +15,25 @@ from ..model import HMT
 def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = True, bptt_depth: Optional[int] = None,
                   gradient_checkpointing: bool = False, sparse_bptt: bool = False, sparse_negatives: int = 0,
                   retrieval_loss_weight: float = 0.0, write_loss_weight: float = 0.0,
-                  return_logits: bool = False, forward: Optional[Callable] = None, autocast: Callable = contextlib.nullcontext):
+                  teacher: Optional[HMT] = None, distill_weight: float = 0.0, return_logits: bool = False,
+                  forward: Optional[Callable] = None, autocast: Callable = contextlib.nullcontext):
     """The loss one batch trains on: ``model``'s next-token loss over ``batch`` (``input_ids``,
     ``labels``, optionally ``attention_mask``, ``evidence_position`` and ``answer_token``), each row
     from an empty memory, plus ``retrieval_loss_weight`` times :func:`supervised_retrieval_loss` and
     ``write_loss_weight`` times :func:`write_loss` (each 0 for a batch without what it needs;
-    nothing at weight 0). ``forward``: the module that runs the model (its DDP/FSDP wrapper;
+    nothing at weight 0), and ``distill_weight`` times :func:`distill_loss` against ``teacher`` (an
+    HMT read on the same inputs from an empty memory, without gradient). ``forward``: the module that runs the model (its DDP/FSDP wrapper;
     default ``model``), inside ``autocast()``. ``sparse_bptt``: see :func:`sparse_bptt_segments`
     (``sparse_negatives`` more segments drawn from the global RNG). Returns ``(loss, the forward's
-    output, terms)``: ``terms`` maps ``"retrieval_loss"`` and ``"write_loss"`` to their unweighted
+    output, terms)``: ``terms`` maps ``"retrieval_loss"``, ``"write_loss"`` and ``"distill_loss"`` to their unweighted
     values, for the terms whose weight is above 0."""
     L = model.config.segment_length
+    distilling = teacher is not None and distill_weight > 0
     with autocast():
         out = (forward or model)(
             batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
             use_memory=use_memory, memory_state=model.new_memory(batch["input_ids"].shape[0]),
-            return_logits=return_logits, detach_every=bptt_depth, checkpoint_segments=gradient_checkpointing,
+            return_logits=return_logits or distilling, detach_every=bptt_depth, checkpoint_segments=gradient_checkpointing,
             grad_segments=sparse_bptt_segments(batch, L, sparse_negatives) if sparse_bptt else None,
         )
     loss, terms = out.loss, {}
@@ -44,7 +47,37 @@ def training_loss(model: HMT, batch: dict, *, use_memory: Union[bool, str] = Tru
                                           batch["input_ids"])
                                if "evidence_position" in batch and answers is not None else out.loss.new_zeros(()))
         loss = loss + write_loss_weight * terms["write_loss"]
+    if distilling:
+        with torch.no_grad(), autocast():
+            taught = teacher(batch["input_ids"], attention_mask=batch.get("attention_mask"), use_memory=use_memory,
+                             memory_state=teacher.new_memory(batch["input_ids"].shape[0]), return_logits=True)
+        terms["distill_loss"] = distill_loss(out.logits, taught.logits, batch["labels"], batch.get("attention_mask"))
+        loss = loss + distill_weight * terms["distill_loss"]
     return loss, out, terms
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, mean over the positions it keeps.
+
+    ``logits``, ``teacher_logits``: ``(B, T, V)``; ``labels``: ``(B, T)`` as for ``forward``
+    (label t is predicted at position t - 1). Kept: every real position of a language-model row
+    (one whose real positions are mostly scored), and in a task row (loss on the answer only) the
+    positions whose next token carries no loss: the context. The answer stays free to differ
+    from a teacher that does not know it, while everything else the model says stays the
+    teacher's, so teaching a task does not cost the language model (the remedy for forgetting
+    of learning without forgetting, Li & Hoiem 2016). 0 (no gradient) when nothing is kept."""
+    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    scored = torch.zeros_like(real)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts label t + 1
+    predicting = torch.zeros_like(real)
+    predicting[:, :-1] = real[:, 1:]
+    language_rows = 2 * (scored & predicting).sum(1) > predicting.sum(1)
+    keep = real & (language_rows.unsqueeze(1) | ~scored)
+    if not bool(keep.any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    return torch.nn.functional.kl_div(logits[keep].float().log_softmax(-1), teacher_logits[keep].float().log_softmax(-1),
+                                      reduction="batchmean", log_target=True)
 
 
 def write_loss(out, evidence_positions: torch.Tensor, answer_tokens: torch.Tensor, embeddings: torch.Tensor,
