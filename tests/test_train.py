@@ -365,6 +365,24 @@ def test_task_evidence_positions_and_mixture(tmp_path, backbone_dir):
     assert rows == [[6, 7, 8], [6, -1, -1], [-1, -1, -1]]
 
 
+def test_a_mixture_samples_all_of_its_language_model_windows():
+    """Windows come document by document, source by source (here 200 of a first source, 600 of a
+    second). A run that draws fewer windows than there are (100 here) must still sample every
+    source in about its share, not the first 100 windows: taken in order, the CPU passkey stages
+    drew Bible windows only and their cost fell on the Python documentation they never saw."""
+    from hmt.data import MixedDataset
+
+    windows = [{"input_ids": torch.full((4,), 3 if i < 200 else 4)} for i in range(800)]
+    tasks = [{"input_ids": torch.full((4,), 9)}] * 300
+    mixed = MixedDataset(tasks, windows, 0.25, seed=0)
+    drawn = [int(mixed[i]["input_ids"][0]) for i in range(len(mixed)) if int(mixed[i]["input_ids"][0]) != 9]
+    assert len(drawn) == 100 and 10 <= drawn.count(3) <= 40, drawn.count(3)  # a quarter of the windows: 25 expected
+    again = MixedDataset(tasks, windows, 0.25, seed=0)
+    assert all(torch.equal(mixed[i]["input_ids"], again[i]["input_ids"]) for i in range(len(mixed)))  # seeded
+    other = MixedDataset(tasks, windows, 0.25, seed=1)
+    assert any(not torch.equal(mixed[i]["input_ids"], other[i]["input_ids"]) for i in range(len(mixed)))
+
+
 def passkey_rows(count: int, seed: int = 0):
     """A tiny passkey task: a key token in segment 0 of a 3-segment context, asked for at the end."""
     generator = torch.Generator().manual_seed(seed)

@@ -93,7 +93,7 @@ def build_data(config: TrainConfig, tokenizer):
         val = [val[i] for i in range(len(val))]
         if config.mix_fraction > 0:  # language-model windows beside the task, scored apart in validation
             windows, documents = _document_data(config, tokenizer, config.mix_data, config.mix_data_options)
-            train, val = hdata.MixedDataset(train, windows, config.mix_fraction), val + documents
+            train, val = hdata.MixedDataset(train, windows, config.mix_fraction, seed=config.seed), val + documents
         return train, val
     return _document_data(config, tokenizer, config.data, config.data_options)
 
