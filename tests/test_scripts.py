@@ -93,6 +93,8 @@ def test_write_task_never_overwrites_a_file_unasked(capsys, tmp_path):
     task.write_text("a user's file\n")
     refused(capsys, "examples/passkey.py", ["--write-task", str(task)], "task.jsonl exists; pass --overwrite")
     assert task.read_text() == "a user's file\n"
+    refused(capsys, "examples/passkey.py", ["--chat"], "--chat writes training examples: give --write-task JSONL")
+    refused(capsys, "benchmarks/recall_seeds.py", ["--key4", "--levers", "paper"], "not a lever of this setting")
 
 
 class _CharTokenizer:

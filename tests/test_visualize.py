@@ -117,3 +117,39 @@ def test_passkey_task_examples_place_the_key_and_round_trip(tmp_path):
     assert not {e.answer for e in many} & passkey.evaluation_keys(0)
     with pytest.raises(ValueError, match="evaluation's seed"):
         passkey.task_examples(tok, 2, 300, 600, seed=0)
+
+
+class _ChatTokenizer:
+    """A tokenizer's chat-template surface: each user message as <u>...</u><a> (generation prompt)."""
+
+    chat_template = "test"
+    eos_token = "</a>"
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        assert not tokenize and add_generation_prompt and [m["role"] for m in messages] == ["user"]
+        return f"<u>{messages[0]['content']}</u><a>"
+
+
+def test_chat_passkey_examples_are_conversations_as_hmt_chat_reads_them(tmp_path):
+    from hmt.data import load_qa_examples
+
+    tok, paragraphs = _ChatTokenizer(), [f"paragraph {i} " * 5 for i in range(10)]
+    examples = passkey.chat_task_examples(tok, 30, paragraphs, seed=2, turns=(2, 4))
+    for ex in examples:
+        told = f"The pass key is {ex.answer}. Remember it. {ex.answer} is the pass key."
+        assert ex.context.startswith(f"<u>{told}</u><a>") and ex.evidence == told  # the key, the first message
+        assert 3 <= ex.context.count("<u>") <= 5  # the key's message and 2-4 others, each with its reply
+        assert ex.context.count("<u>") == ex.context.count("<a>")
+        assert ex.prompt == f"<u>{passkey.CHAT_QUESTION}</u><a>{passkey.CHAT_ANSWER_PREFIX}"
+        assert len(ex.answer) == 5 and ex.answer.isdigit()
+    assert not {e.answer for e in examples} & passkey.evaluation_keys(0)
+    assert passkey.chat_task_examples(tok, 30, paragraphs, seed=2, turns=(2, 4)) == examples  # seeded
+    loaded = load_qa_examples(passkey.write_task(tmp_path / "chat.jsonl", examples), name_field="name")
+    assert [(e.context, e.prompt, e.answer, e.evidence) for e in loaded] == [(e.context, e.prompt, e.answer, e.evidence)
+                                                                            for e in examples]
+    with pytest.raises(ValueError, match="evaluation's seed"):
+        passkey.chat_task_examples(tok, 2, paragraphs, seed=0)
+    with pytest.raises(ValueError, match="paragraphs"):
+        passkey.chat_task_examples(tok, 2, [], seed=2)
+    with pytest.raises(ValueError, match="chat template"):
+        passkey.chat_task_examples(CharTokenizer(), 2, paragraphs, seed=2)

@@ -97,6 +97,56 @@ def task_examples(
     return examples
 
 
+CHAT_QUESTION = "What is the pass key?"
+CHAT_ANSWER_PREFIX = "The pass key is"
+
+
+def chat_task_examples(tokenizer, count: int, paragraphs: Sequence[str], seed: int = 2, turns: tuple = (2, 4),
+                       held_out_seed: int = 0) -> list:
+    """Passkey examples in the form ``hmt chat`` reads a conversation (``task: qa``).
+
+    ``hmt chat`` renders each message with the tokenizer's chat template (generation prompt
+    included) and its reply follows; the memory keeps every turn. Here a first message tells
+    the key (:func:`needle`), a short reply follows, then ``turns`` (min, max) messages of other
+    text drawn from ``paragraphs`` (e.g. training-split documents), each with a short reply;
+    the prompt is the question asked as a new message, :data:`CHAT_QUESTION`, and the reply's
+    opening, :data:`CHAT_ANSWER_PREFIX`; the answer is the key. Render with
+    ``context_template="{context}", prompt_template="{prompt}", answer_template=" {answer}"``.
+    The evaluation's keys are never used (as :func:`task_examples`). A model taught only the
+    plain passkey layout may or may not carry it over to a chat (issue 19: two adapters taught
+    the same way, one answered in ``hmt chat`` and one did not)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_task_examples needs a tokenizer with a chat template (an instruct model's).")
+    if not paragraphs:
+        raise ValueError("chat_task_examples needs paragraphs of other text for the turns between the key and the question.")
+    rng = random.Random(seed)
+    held_out = evaluation_keys(held_out_seed)
+    if seed == held_out_seed:
+        raise ValueError(f"seed {seed} is the evaluation's seed: training examples must come from another one.")
+    end = tokenizer.eos_token or ""
+
+    def message(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    def reply(text: str) -> str:  # a reply cut by max_new_tokens has no end token; one that ends has
+        return text + (end if rng.random() < 0.5 else "")
+
+    examples = []
+    for i in range(count):
+        key = str(rng.randrange(10000, 100000))
+        while key in held_out:
+            key = str(rng.randrange(10000, 100000))
+        told = needle(key).strip()
+        context = message(told) + reply(rng.choice([f"The pass key is {key}.", "Okay, I will remember it.", "Got it."]))
+        for _ in range(rng.randint(*turns)):
+            paragraph = rng.choice(paragraphs)
+            context += message(paragraph) + reply(rng.choice([" ".join(paragraph.split()[:8]), "Okay.", "I see."]))
+        examples.append(QAExample(context=context, prompt=message(CHAT_QUESTION) + CHAT_ANSWER_PREFIX, answer=key,
+                                  name=f"chat-passkey-{seed}-{i}", evidence=told))
+    return examples
+
+
 def write_task(path, examples) -> str:
     """``examples`` as JSONL (context, prompt, answer, name[, evidence]), readable by :func:`hmt.data.load_qa_examples`."""
     import json
