@@ -19,6 +19,15 @@ from pathlib import Path
 from hmt.arguments import Parser, check_output_file, run
 
 
+def stage_color(index: int, count: int):
+    """A colour per stage: matplotlib's ten cycle colours, tab20's twenty past ten stages."""
+    if count <= 10:
+        return f"C{index}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](index % 20)
+
+
 def moving_average(values: list, window: int) -> list:
     return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
             for i in range(len(values))]
@@ -46,7 +55,7 @@ def main(argv=None) -> None:
     (ax1, ax2, ax3), (ax4, ax5, ax6) = axes
     offset, names, answers, documents, main_job = 0, [], [], [], []
     for index, stage in enumerate(stages):
-        color, marker = f"C{index % 10}", "osD^v<>ph*"[index % 10]
+        color, marker = stage_color(index, len(stages)), "osD^v<>ph*"[index % 10]
         rows = [json.loads(line) for line in open(stage / "metrics.jsonl")]
         rows.sort(key=lambda r: r["step"])
         steps = [offset + r["step"] for r in rows]
@@ -70,7 +79,7 @@ def main(argv=None) -> None:
     ax1.set(title="training loss (moving average)", xlabel="optimizer step (stages end to end)")
     ax2.set(title="retrieval loss", xlabel="optimizer step")
     ax3.set(title="write loss (moving average; copy write only)", xlabel="optimizer step")
-    colors = [f"C{i % 10}" for i in range(len(names))]  # as in the loop above: a colour per stage
+    colors = [stage_color(i, len(names)) for i in range(len(names))]  # as in the loop above: a colour per stage
     ax4.bar(names, answers, color=colors)
     ax4.axhline(10 ** (5 / 7), color="k", linestyle="--", label="chance (5 digits)")
     ax4.set(title="held-out answer perplexity at the stage's end", ylim=(0, 6))

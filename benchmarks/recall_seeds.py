@@ -141,8 +141,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rows = {}
     for lever in args.levers:
-        rows[lever] = {seed: run(lever, seed, args) for seed in args.seeds}
-        for seed, row in rows[lever].items():
+        rows[lever] = {}
+        for seed in args.seeds:  # each seed's figures as soon as it is done
+            row = rows[lever][seed] = run(lever, seed, args)
             print(f"{lever} seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in row.items()), flush=True)
         write_json(args.json, {"command": "python benchmarks/recall_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
