@@ -79,13 +79,21 @@ def run_key4(lever: str, seed: int, args) -> dict:
     config = dict(steps=args.steps, batch_size=32, distances=tuple(args.train_distances), curriculum=False, lr=3e-3,
                   warmup_steps=30, seed=seed, evidence_segment=None)
     config.update(train_overrides)
+    return train_and_score(model, task, config, KEY4_DISTANCES, eval_seed=seed + 1000)
+
+
+def train_and_score(model, task, config: dict, distances, eval_seed: int) -> dict:
+    """Train ``model`` on the probe with ``config`` (RecallTrainConfig fields); the row: mean answer
+    loss of the last 30 steps, first step below 1.0, training time, and exact accuracy with the key
+    anywhere at ``distances`` (none: not evaluated) on 200 examples of ``eval_seed``."""
     start, wall = time.process_time(), time.perf_counter()
     history = recall.train_recall(model, task, recall.RecallTrainConfig(**config))
     row = {"final_answer_loss": sum(r["lm_loss"] for r in history[-30:]) / 30,
            "first_step_below_1": next((r["step"] for r in history if r["lm_loss"] < 1.0), None),
            "cpu_seconds": time.process_time() - start, "train_seconds": time.perf_counter() - wall}
-    accuracy = recall.evaluate_recall(model, task, KEY4_DISTANCES, num_examples=200, seed=seed + 1000, evidence_segment=None)
-    row.update({f"accuracy_{d}_anywhere": a for d, a in accuracy.items()})
+    if distances:
+        accuracy = recall.evaluate_recall(model, task, distances, num_examples=200, seed=eval_seed, evidence_segment=None)
+        row.update({f"accuracy_{d}_anywhere": a for d, a in accuracy.items()})
     return row
 
 
@@ -103,15 +111,7 @@ def run(lever: str, seed: int, args) -> dict:
                   curriculum=False, lr=3e-3, warmup_steps=20 if args.anywhere else 30, seed=seed,
                   evidence_segment=None if args.anywhere else 0)
     config.update(train_overrides)
-    start = time.process_time()
-    history = recall.train_recall(model, task, recall.RecallTrainConfig(**config))
-    row = {"final_answer_loss": sum(r["lm_loss"] for r in history[-30:]) / 30,
-           "first_step_below_1": next((r["step"] for r in history if r["lm_loss"] < 1.0), None),
-           "cpu_seconds": time.process_time() - start}
-    if args.anywhere:
-        accuracy = recall.evaluate_recall(model, task, [4, 8], num_examples=200, seed=seed + 1, evidence_segment=None)
-        row.update({f"accuracy_{d}_anywhere": a for d, a in accuracy.items()})
-    return row
+    return train_and_score(model, task, config, [4, 8] if args.anywhere else [], eval_seed=seed + 1)
 
 
 def main(argv=None) -> None:

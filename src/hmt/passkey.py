@@ -56,6 +56,22 @@ def evaluation_keys(seed: int = 0, draws: int = EVALUATION_DRAWS) -> set:
     return {str(rng.randrange(10**4, 10**5)) for _ in range(draws)}
 
 
+def _training_keys(rng: random.Random, seed: int, held_out_seed: int):
+    """A function drawing 5-digit training keys from ``rng``, never one of the evaluation's (:func:`run`
+    with ``held_out_seed``); refuses the evaluation's own seed."""
+    if seed == held_out_seed:
+        raise ValueError(f"seed {seed} is the evaluation's seed: training examples must come from another one.")
+    held_out = evaluation_keys(held_out_seed)
+
+    def draw() -> str:
+        key = str(rng.randrange(10000, 100000))
+        while key in held_out:
+            key = str(rng.randrange(10000, 100000))
+        return key
+
+    return draw
+
+
 def task_examples(
     tokenizer,
     count: int,
@@ -81,14 +97,10 @@ def task_examples(
     rng = random.Random(seed)
     length = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     filler, question = length(FILLER), length(" " + QUESTION)
-    held_out = evaluation_keys(held_out_seed)
-    if seed == held_out_seed:
-        raise ValueError(f"seed {seed} is the evaluation's seed: training examples must come from another one.")
+    draw_key = _training_keys(rng, seed, held_out_seed)
     examples = []
     for i in range(count):
-        key = str(rng.randrange(10000, 100000))
-        while key in held_out:
-            key = str(rng.randrange(10000, 100000))
+        key = draw_key()
         sentence = needle(key)
         gap = max(0, rng.randint(min_distance, max_distance) - length(sentence) - question)
         before = FILLER * rng.randint(0, max_prefix // filler)
@@ -120,9 +132,7 @@ def chat_task_examples(tokenizer, count: int, paragraphs: Sequence[str], seed: i
     if not paragraphs:
         raise ValueError("chat_task_examples needs paragraphs of other text for the turns between the key and the question.")
     rng = random.Random(seed)
-    held_out = evaluation_keys(held_out_seed)
-    if seed == held_out_seed:
-        raise ValueError(f"seed {seed} is the evaluation's seed: training examples must come from another one.")
+    draw_key = _training_keys(rng, seed, held_out_seed)
     end = tokenizer.eos_token or ""
 
     def message(text: str) -> str:
@@ -134,9 +144,7 @@ def chat_task_examples(tokenizer, count: int, paragraphs: Sequence[str], seed: i
 
     examples = []
     for i in range(count):
-        key = str(rng.randrange(10000, 100000))
-        while key in held_out:
-            key = str(rng.randrange(10000, 100000))
+        key = draw_key()
         told = needle(key).strip()
         context = message(told) + reply(rng.choice([f"The pass key is {key}.", "Okay, I will remember it.", "Got it."]))
         for _ in range(rng.randint(*turns)):

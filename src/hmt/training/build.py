@@ -51,14 +51,14 @@ def build_model(config: TrainConfig, backbone: Optional[nn.Module] = None) -> HM
     return model
 
 
-def build_teacher(config: TrainConfig, backbone: nn.Module) -> Optional[HMT]:
+def build_teacher(config: TrainConfig, backbone: nn.Module, device=None) -> Optional[HMT]:
     """The frozen HMT that ``distill_weight`` keeps the model close to: ``config.distill_from`` on a
-    copy of ``backbone`` (taken before the trained model's LoRA goes into it), in eval mode, no
-    parameter requiring grad; None when the run does not distil."""
+    copy of ``backbone`` (taken before the trained model's LoRA goes into it), on ``device``, in eval
+    mode, no parameter requiring grad; None when the run does not distil."""
     if config.distill_weight <= 0:
         return None
     read_meta(config.distill_from)  # a clear error before anything loads
-    teacher = HMT.from_pretrained(copy.deepcopy(backbone), config.distill_from)
+    teacher = HMT.from_pretrained(copy.deepcopy(backbone), config.distill_from).to(device)
     teacher.requires_grad_(False)
     return teacher.eval()
 

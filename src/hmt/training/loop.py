@@ -73,8 +73,7 @@ def train(
     if train_data is None:
         with accelerator.main_process_first():
             train_data, eval_data = build_data(config, tokenizer)
-    teacher = build_teacher(config, backbone)  # before build_model puts the trained LoRA into backbone
-    teacher = None if teacher is None else teacher.to(accelerator.device)
+    teacher = build_teacher(config, backbone, accelerator.device)  # before build_model puts the trained LoRA into backbone
     model = build_model(config, backbone).to(accelerator.device)
     model.train()
     supervise_retrieval = (config.retrieval_loss_weight > 0 and model.config.use_retrieval
