@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     parser.add_argument("--adapter", default=hmt.DEFAULT_ADAPTER)
     parser.add_argument("--distances", type=positive_int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--trials", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="trials read side by side, each its own stream (the same keys and answers; faster on a GPU)")
     parser.add_argument("--full-attention-limit", type=non_negative_int, default=8192,
                         help="also the backbone over the whole prompt up to this length")
     parser.add_argument("--recurrence", action=argparse.BooleanOptionalAction, default=True,
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = hmt.load_pretrained(args.adapter)
     results = passkey.run(model, tokenizer, args.distances, trials=args.trials, full_attention_limit=args.full_attention_limit,
-                          recurrence=args.recurrence)
+                          recurrence=args.recurrence, batch_size=args.batch_size)
     names = list(results)
     print(f"{'distance':>9} " + " ".join(f"{n:>8}" for n in names))
     for d in args.distances:

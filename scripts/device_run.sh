@@ -199,7 +199,7 @@ if [ "$MODE" = rehearse ]; then
   # near gets almost no time, so that its deadline stops it after one step and its adapter is written
   # from the trainer's saved state, as on the device when a stage's time runs out
   TRAIN_ARGS=(--task near=200:500:8 --task mid=500:1000:8 --task far=1000:2000:8 --max-steps 2 --precision fp32
-              --share near=0.001 --min-stage-s 0 --finish-reserve 3 --set batch_size=2)
+              --share near=0.001 --min-stage-s 0 --finish-reserve 3 --set batch_size=2 --set "distill_from=$SHIPPED")
   DISTANCES=(256 1024)
   PLOT=()  # matplotlib's import is most of a tiny part's time
   TRIALS="${DEVICE_PASSKEY_TRIALS:-2}"

@@ -737,12 +737,12 @@ def cmd_passkey(args) -> int:
     model, tokenizer = load_adapter(adapter, device)
     out = Path(args.out)
     payload = {"adapter": adapter, "adapter_is_new": is_new, "device": str(device), "trials": args.trials,
-               "distances": [], "results": {}, "seconds": {},
+               "batch_size": args.batch_size, "distances": [], "results": {}, "seconds": {},
                "note": "each distance draws the same held-out keys (passkey.run with seed 0, one distance at a time)"}
     for distance in sorted(args.distances):
         t0 = time.perf_counter()
         results = passkey.run(model, tokenizer, [distance], trials=args.trials, full_attention_limit=args.full_attention_limit,
-                              recurrence=True, progress=False)
+                              recurrence=True, progress=False, batch_size=args.batch_size)
         payload["distances"].append(distance)
         payload["seconds"][str(distance)] = time.perf_counter() - t0
         for name, curve in results.items():
@@ -934,6 +934,7 @@ def main(argv=None) -> int:
     p.add_argument("--fallback", default="auto")
     p.add_argument("--distances", type=int, nargs="+", required=True)
     p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=20, help="trials read side by side (passkey.run's batch_size)")
     p.add_argument("--full-attention-limit", type=int, default=8192)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)

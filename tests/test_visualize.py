@@ -94,6 +94,45 @@ def test_passkey_run_reports_the_recurrence_only_model_on_the_same_weights(monke
     assert recurrent.keys() == weights.keys() and all(torch.equal(recurrent[k], weights[k]) for k in weights)
 
 
+def test_passkey_run_reads_trials_side_by_side_as_it_reads_them_one_at_a_time(monkeypatch):
+    """batch_size: the same keys, and each model's answers those of one trial at a time."""
+    from .conftest import make_backbone
+
+    torch.manual_seed(0)
+    model = HMT(make_backbone("llama"), HMTConfig(segment_length=32, sensory_memory_size=4, num_memory_embeddings=4)).eval()
+    calls = []
+    original = HMT.generate
+
+    def spy(self, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(HMT, "generate", spy)
+
+    keys = []
+    make_prompt = passkey.make_prompt
+    monkeypatch.setattr(passkey, "make_prompt", lambda tok, d, key: keys.append(key) or make_prompt(tok, d, key))
+
+    def answers(batch_size):
+        seen = []
+        monkeypatch.setattr(passkey, "_answer", lambda tok, generated: seen.append(tuple(generated.tolist())) or "")
+        passkey.run(model, DecodingCharTokenizer(), [100], trials=4, full_attention_limit=1000, progress=False,
+                    batch_size=batch_size)
+        return seen
+
+    one = answers(1)
+    assert calls == [1, 1, 1, 1]
+    calls.clear()
+    three = answers(3)
+    assert calls == [3, 1]  # four trials: a batch of three, then one
+    assert keys[:4] == keys[4:] and len(set(keys)) == 4
+    by_trial = [one[i::3] for i in range(3)]  # one at a time: hmt, window, full for each trial in turn
+    by_batch = [three[0:3] + three[9:10], three[3:6] + three[10:11], three[6:9] + three[11:12]]
+    assert by_trial == by_batch
+    with pytest.raises(ValueError, match="batch_size"):
+        passkey.run(model, DecodingCharTokenizer(), [100], trials=1, batch_size=0, progress=False)
+
+
 def test_passkey_task_examples_place_the_key_and_round_trip(tmp_path):
     from hmt.data import load_qa_examples
 

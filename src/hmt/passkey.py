@@ -185,6 +185,7 @@ def run(
     full_attention_limit: Optional[int] = None,
     progress: bool = True,
     recurrence: bool = False,
+    batch_size: int = 1,
 ) -> dict[str, dict[int, float]]:
     """Accuracy by distance: ``{"hmt": {D: acc}, "window": {...}[, "recurrence": {...}][, "full": {...}]}``.
 
@@ -192,9 +193,15 @@ def run(
     ``recurrence``: the same weights with retrieval off (``use_retrieval=False``: P_n is the
     previous segment's memory), when asked for: what the long-term cache's search adds.
     ``full``: the backbone over the whole prompt, where the prompt fits ``full_attention_limit``.
+    ``batch_size``: trials read side by side, each row its own stream (prompts of one length only,
+    so no padding: a key that tokenizes to another length starts a batch of its own). The keys
+    are the same whatever the batch size; the answers are those of one trial at a time up to
+    floating-point summation order (greedy decoding of the same logits).
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = random.Random(seed)
     backbone = model.backbone
     L = model.config.segment_length
@@ -207,27 +214,43 @@ def run(
     if full_attention_limit:
         results["full"] = {}
     digits = 5
+
+    def answers(generated: torch.Tensor, start: int) -> list[str]:
+        return [_answer(tokenizer, row[start:]) for row in generated]
+
     for distance in tqdm(distances, desc="passkey", disable=not progress):
         hits = {name: 0 for name in results}
         counts = {name: 0 for name in results}
-        for _ in range(trials):
-            key = str(rng.randrange(10 ** (digits - 1), 10**digits))
-            prompt = make_prompt(tokenizer, distance, key)
-            ids = prompt.ids.to(device).view(1, -1)
+        prompts = [make_prompt(tokenizer, distance, str(rng.randrange(10 ** (digits - 1), 10**digits)))
+                   for _ in range(trials)]
+        batches: list[list[PasskeyPrompt]] = []
+        for prompt in prompts:  # consecutive prompts of one length, at most batch_size of them
+            if batches and len(batches[-1]) < batch_size and len(batches[-1][0].ids) == len(prompt.ids):
+                batches[-1].append(prompt)
+            else:
+                batches.append([prompt])
+        for batch in batches:
+            keys = [p.key for p in batch]
+            ids = torch.stack([p.ids for p in batch]).to(device)
+            B, T = ids.shape
             # room for the whole key however it tokenizes (SmolLM2: one token per digit)
-            new = len(tokenizer(" " + key, add_special_tokens=False).input_ids) + 2
+            new = max(len(tokenizer(" " + key, add_special_tokens=False).input_ids) for key in keys) + 2
+
+            def score(name: str, generated: torch.Tensor, start: int) -> None:
+                hits[name] += sum(key in text for key, text in zip(keys, answers(generated, start)))
+                counts[name] += B
+
             for name, reader in models.items():
-                out = reader.generate(ids, memory_state=reader.new_memory(1), max_new_tokens=new)
-                hits[name] += key in _answer(tokenizer, out.sequences[0, ids.shape[1] :])
-                counts[name] += 1
+                out = reader.generate(ids, memory_state=reader.new_memory(B), max_new_tokens=new)
+                score(name, out.sequences, T)
+            def plain(prompt: torch.Tensor) -> torch.Tensor:  # rows of one length: nothing is padded
+                return backbone.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
             window = ids[:, -L:]
-            gen = backbone.generate(window, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-            hits["window"] += key in _answer(tokenizer, gen[0, window.shape[1] :])
-            counts["window"] += 1
-            if full_attention_limit and ids.shape[1] <= full_attention_limit:
-                gen = backbone.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-                hits["full"] += key in _answer(tokenizer, gen[0, ids.shape[1] :])
-                counts["full"] += 1
+            score("window", plain(window), window.shape[1])
+            if full_attention_limit and T <= full_attention_limit:
+                score("full", plain(ids), T)
         for name in results:
             if counts[name]:
                 results[name][distance] = hits[name] / counts[name]
