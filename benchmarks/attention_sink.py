@@ -32,7 +32,7 @@ from hmt.arguments import non_negative_int, run
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--adapter", default=None, help="adapter directory (default: the shipped one)")
+    parser.add_argument("--adapter", default="smollm2-135m-lm", help="adapter (default: the language-model adapter these results were measured on, shipped as smollm2-135m up to 0.2)")
     parser.add_argument("--sink-token-id", type=non_negative_int, default=None,
                         help="override the adapter's HMTConfig.sink_token_id")
     parser.add_argument("--no-sink", action="store_true", help="override: no sink token")
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         overrides["sink_token_id"] = None
     elif args.sink_token_id is not None:
         overrides["sink_token_id"] = args.sink_token_id
-    model = hmt.HMT.from_pretrained(backbone, args.adapter or hmt.DEFAULT_ADAPTER, **overrides).eval()
+    model = hmt.HMT.from_pretrained(backbone, args.adapter, **overrides).eval()
     L = model.config.segment_length
     ids = make_prompt(tokenizer, args.distance, "27183").ids[None]
     segments = [ids[:, s : s + L] for s in range(0, ids.shape[1], L)]
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
         rows.append([f"{b}-{b + len(block) - 1}", "-" if not sink else f"{mean('sink'):.3f}", f"{mean('memory'):.3f}",
                      f"{mean('other_per_position'):.4f}", f"{mean('memory_value_norm_ratio'):.2f}"])
     print(table(["layers", "sink", "P_n", "other (per position)", "|v(P_n)| / mean |v|"], rows))
-    result = {"command": "python benchmarks/attention_sink.py", "adapter": args.adapter or hmt.DEFAULT_ADAPTER,
+    result = {"command": "python benchmarks/attention_sink.py", "adapter": args.adapter,
               "sink_token_id": model.config.sink_token_id, "distance": args.distance, "layers": per_layer}
     write_json(args.json, result)
 

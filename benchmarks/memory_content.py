@@ -35,7 +35,7 @@ FEATURES = ("m_last", "P", "mean")
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--adapter", default=None, help="adapter directory (default: the shipped one)")
+    parser.add_argument("--adapter", default="smollm2-135m-lm", help="adapter (default: the language-model adapter these results were measured on, shipped as smollm2-135m up to 0.2)")
     parser.add_argument("--segments", type=positive_int, default=320, help="key segments to read (default 320)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=5)
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     from hmt.memory import pool
 
     torch.manual_seed(0)
-    model, tokenizer = hmt.load_pretrained(args.adapter or hmt.DEFAULT_ADAPTER)
+    model, tokenizer = hmt.load_pretrained(args.adapter)
     ids, keys = key_segments(tokenizer, model.config.segment_length, args.segments, args.seed)
     caught = {}
     hook = model.memory_generator.register_forward_hook(
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     print(f"(held-out accuracy of a linear probe, {args.segments - train} segments; chance 0.10)")
     command = shlex.join(["python", "benchmarks/memory_content.py", *(sys.argv[1:] if argv is None else argv)])
     write_json(args.json, {"command": command,
-                           "adapter": args.adapter or hmt.DEFAULT_ADAPTER, "segments": args.segments,
+                           "adapter": args.adapter, "segments": args.segments,
                            "held_out": args.segments - train, "accuracy_per_digit": results})
 
 

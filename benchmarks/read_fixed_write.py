@@ -36,7 +36,7 @@ from recall_read import TwoSegmentTask, answer_scores, hmt_overrides
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--init-from", default="smollm2-135m", help="adapter to start from (default: the shipped one)")
+    parser.add_argument("--init-from", default="smollm2-135m-lm", help="adapter to start from (default: the language-model adapter these results were measured from, shipped as smollm2-135m up to 0.2)")
     parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON")
     parser.add_argument("--write", choices=["oracle", "oracle-all", "real", "white"], default="real", help="what P holds")
     parser.add_argument("--sink", action="store_true", help="a sink token (id 0) before P")

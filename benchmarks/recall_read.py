@@ -9,7 +9,7 @@ the passkey evaluation never used), and logs the answer loss and the held-out ac
 answer token (the leading space, then the key's digits; chance for a digit: loss ln 10 = 2.30,
 accuracy 0.10), so a read that starts to work shows as digit 1 leaving chance first.
 
-    python benchmarks/recall_read.py --init-from smollm2-135m --minutes 30
+    python benchmarks/recall_read.py --init-from smollm2-135m-lm --minutes 30
     python benchmarks/recall_read.py --init-from runs/smollm2-passkey-cpu/short/final \\
         --hmt '{"segment_length": 96, "representation_length": 48}' --gap 16 --minutes 38 --json out.json
 
@@ -49,7 +49,7 @@ from hmt.passkey import FILLER, QUESTION, evaluation_keys, needle
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--init-from", default="smollm2-135m", help="adapter to start from (default: the shipped one)")
+    parser.add_argument("--init-from", default="smollm2-135m-lm", help="adapter to start from (default: the language-model adapter these results were measured from, shipped as smollm2-135m up to 0.2)")
     parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON, e.g. '{\"sink_token_id\": 0}'")
     parser.add_argument("--steps", type=positive_int, default=100_000,
                         help="optimizer steps (the time limit usually ends it)")

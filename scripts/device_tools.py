@@ -580,12 +580,12 @@ def parse_task(text: str) -> tuple[str, int, int, int]:
 
 
 def resolve_init(value: str) -> str:
-    """``auto``: the recall adapter where it ships, else the default one."""
+    """``auto``: the default adapter (which recalls since 0.3)."""
     if value != "auto":
         return value
-    from hmt.checkpoint import shipped_adapters
+    from hmt.constants import DEFAULT_ADAPTER
 
-    return "smollm2-135m-recall" if "smollm2-135m-recall" in shipped_adapters() else "smollm2-135m"
+    return DEFAULT_ADAPTER
 
 
 def cmd_train(args) -> int:

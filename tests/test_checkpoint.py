@@ -121,7 +121,21 @@ def test_lora_settings_of_another_peft_version_load_when_they_change_nothing(tmp
         del compat.LORA_DEPENDENT["future_group_size"]
 
 
-@pytest.mark.parametrize("adapter", ["smollm2-135m", "smollm2-135m-baseline", "smollm2-135m-recall"])
+def test_the_recall_adapter_of_0_2_loads_the_default_adapter():
+    """smollm2-135m-recall became the default adapter in 0.3; the old name still loads it, and the
+    default adapter of 0.2 is smollm2-135m-lm."""
+    from hmt import checkpoint
+
+    assert checkpoint.resolve("smollm2-135m-recall") == checkpoint.resolve("smollm2-135m") == checkpoint.SHIPPED_DIR / "smollm2-135m"
+    assert "smollm2-135m-recall" not in checkpoint.shipped_adapters()
+    assert {"smollm2-135m", "smollm2-135m-lm", "smollm2-135m-baseline"} <= set(checkpoint.shipped_adapters())
+    def config(name):
+        return json.loads((checkpoint.resolve(name) / checkpoint.CONFIG_NAME).read_text())
+
+    assert config("smollm2-135m")["memory_tokens"] == 5 and config("smollm2-135m-lm").get("memory_tokens", 1) == 1
+
+
+@pytest.mark.parametrize("adapter", ["smollm2-135m", "smollm2-135m-baseline", "smollm2-135m-lm"])
 def test_shipped_lora_settings_fit_the_installed_peft(adapter):
     """The shipped adapters were saved with peft 0.21; their LoRA settings must build a LoraConfig on
     every supported peft (CI runs this on the oldest, 0.13)."""

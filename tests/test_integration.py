@@ -261,12 +261,12 @@ def test_main_job_runs(tmp_path):
 
 
 @pytest.mark.integration
-def test_recall_adapter_recalls_a_passkey_two_segments_back():
-    """The ``smollm2-135m-recall`` adapter (five copy-written memory tokens per segment) names a passkey
+def test_default_adapter_recalls_a_passkey_two_segments_back():
+    """The default adapter (five copy-written memory tokens per segment, since 0.3) names a passkey
     512 tokens back, out of its 256-token window; the backbone given that window cannot."""
     from hmt import passkey
 
-    model, tokenizer = hmt.load_pretrained("smollm2-135m-recall")
+    model, tokenizer = hmt.load_pretrained()
     assert model.config.memory_tokens == 5 and model.config.memory_write == "copy"
     for key in ("48213", "90577"):  # not training keys: those skip the evaluation's (hmt.passkey.evaluation_keys)
         ids = passkey.make_prompt(tokenizer, 512, key).ids.view(1, -1)
@@ -282,14 +282,14 @@ def test_recall_adapter_recalls_a_passkey_two_segments_back():
 @pytest.mark.integration
 def test_chat_told_a_passkey_answers_it_in_a_second_process_segments_later(tmp_path):
     """``hmt chat --memory-file``: told a key in one process, then four long messages (five 256-token
-    segments in all), the recall adapter names the key when asked in a new process, whose window
+    segments in all), the default adapter names the key when asked in a new process, whose window
     holds only the question. The key is one of the evaluation's, never trained on."""
     key = "60494"  # hmt.passkey.evaluation_keys(0): held out of every training task
     memory = tmp_path / "chat.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def chat(lines: list, new_tokens: int) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "hmt.cli", "chat", "--checkpoint", "smollm2-135m-recall",
+        command = [sys.executable, "-m", "hmt.cli", "chat", "--checkpoint", hmt.DEFAULT_ADAPTER,
                    "--memory-file", str(memory), "--max-new-tokens", str(new_tokens)]
         result = subprocess.run(command, input="\n".join(lines) + "\n", cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=900)

@@ -7,7 +7,7 @@ from .constants import DEFAULT_ADAPTER
 from .memory import MemoryEmbeddingGenerator, MemorySearch, MemoryState, RepresentationEncoder
 from .model import HMT, HMTOutput
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def load_pretrained(adapter: str = DEFAULT_ADAPTER, backbone: str | None = None, device=None):

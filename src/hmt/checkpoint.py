@@ -282,13 +282,19 @@ def shipped_adapters() -> list[str]:
     return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / META_NAME).is_file()) if SHIPPED_DIR.is_dir() else []
 
 
+# Names of adapters that shipped before and now load another: 0.2's recall adapter became the
+# default adapter in 0.3 (the default of 0.2 ships as smollm2-135m-lm).
+RENAMED_ADAPTERS = {"smollm2-135m-recall": "smollm2-135m"}
+
+
 def resolve(directory: str | os.PathLike) -> Path:
     """A checkpoint directory, or the name of a shipped adapter (e.g. ``"smollm2-135m"``)."""
     path = Path(directory)
     if path.is_dir():
         return path
-    if (SHIPPED_DIR / str(directory)).is_dir():
-        return SHIPPED_DIR / str(directory)
+    name = RENAMED_ADAPTERS.get(str(directory), str(directory))
+    if (SHIPPED_DIR / name).is_dir():
+        return SHIPPED_DIR / name
     raise FileNotFoundError(
         f"{directory} is not a directory written by HMT.save_pretrained, nor a shipped adapter "
         f"({', '.join(shipped_adapters()) or 'none installed'})."
