@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         baseline_backbone = hmt.HMT.from_pretrained(hmt.load_backbone()[0], args.baseline).backbone.eval()
         label = f"backbone + LoRA fine-tuned without memory ({Path(args.baseline).name})"
         label += (", the very weights HMT's adapter reads" if same_weights(model.backbone, baseline_backbone)
-                  else ", same data and steps")
+                  else ", not the weights HMT's adapter reads")
     else:
         label = "base backbone weights"
     weights.update({p: label for p in protocols if p in ("disjoint", "sensory") or p.startswith("sliding-")})
