@@ -88,7 +88,7 @@ def train_and_score(model, task, config: dict, distances, eval_seed: int) -> dic
     anywhere at ``distances`` (none: not evaluated) on 200 examples of ``eval_seed``."""
     start, wall = time.process_time(), time.perf_counter()
     history = recall.train_recall(model, task, recall.RecallTrainConfig(**config))
-    row = {"final_answer_loss": sum(r["lm_loss"] for r in history[-30:]) / 30,
+    row = {"final_answer_loss": sum(r["lm_loss"] for r in history[-30:]) / max(1, len(history[-30:])),
            "first_step_below_1": next((r["step"] for r in history if r["lm_loss"] < 1.0), None),
            "cpu_seconds": time.process_time() - start, "train_seconds": time.perf_counter() - wall}
     if distances:
