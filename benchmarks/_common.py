@@ -216,6 +216,16 @@ def make_parser(doc: str) -> argparse.ArgumentParser:
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+LM_ADAPTER = "smollm2-135m-lm"  # the adapter the memory benchmarks' committed results were measured on
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser, flag: str = "--adapter", what: str = "adapter") -> None:
+    """``flag`` naming an adapter, by default :data:`LM_ADAPTER` (shipped as smollm2-135m, the
+    default adapter, up to 0.2), so that the commands in benchmarks/README.md reproduce their figures."""
+    parser.add_argument(flag, default=LM_ADAPTER, help=f"{what} (default: {LM_ADAPTER}, the language-model adapter these "
+                                                       "results were measured on, shipped as smollm2-135m up to 0.2)")
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     """``--json PATH`` and ``--overwrite`` (an existing file is replaced only when asked)."""
     parser.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import hmt
+from _common import add_adapter_argument
 from hmt import HMT, checkpoint
 from hmt.arguments import Parser, check_output_file, run
 from hmt.train import build_data, evaluate_documents, load_recipe
@@ -29,7 +30,7 @@ from hmt.train import build_data, evaluate_documents, load_recipe
 def main(argv=None) -> dict:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/smollm2-gpu-lora.yaml", help="its last stage's validation documents")
-    parser.add_argument("--adapter", default="smollm2-135m-lm", help="default: the language-model adapter these results were measured on (shipped as smollm2-135m up to 0.2)")
+    add_adapter_argument(parser)
     parser.add_argument("--baseline", default="smollm2-135m-baseline")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

@@ -26,13 +26,13 @@ import sys
 
 import torch
 
-from _common import add_json_argument, check_json, make_parser, positive_int, table, write_json
+from _common import add_adapter_argument, add_json_argument, check_json, make_parser, positive_int, table, write_json
 from hmt.arguments import non_negative_int, run
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--adapter", default="smollm2-135m-lm", help="adapter (default: the language-model adapter these results were measured on, shipped as smollm2-135m up to 0.2)")
+    add_adapter_argument(parser)
     parser.add_argument("--sink-token-id", type=non_negative_int, default=None,
                         help="override the adapter's HMTConfig.sink_token_id")
     parser.add_argument("--no-sink", action="store_true", help="override: no sink token")

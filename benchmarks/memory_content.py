@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from _common import add_json_argument, check_json, make_parser, positive_int, table, write_json
+from _common import add_adapter_argument, add_json_argument, check_json, make_parser, positive_int, table, write_json
 from hmt.arguments import run
 from hmt.passkey import FILLER, needle
 
@@ -35,7 +35,7 @@ FEATURES = ("m_last", "P", "mean")
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--adapter", default="smollm2-135m-lm", help="adapter (default: the language-model adapter these results were measured on, shipped as smollm2-135m up to 0.2)")
+    add_adapter_argument(parser)
     parser.add_argument("--segments", type=positive_int, default=320, help="key segments to read (default 320)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=5)

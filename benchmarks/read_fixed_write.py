@@ -29,14 +29,14 @@ import time
 
 import torch
 
-from _common import add_json_argument, check_json, make_parser, positive_int, write_json
+from _common import add_adapter_argument, add_json_argument, check_json, make_parser, positive_int, write_json
 from hmt.arguments import positive_float, run
 from recall_read import TwoSegmentTask, answer_scores, hmt_overrides
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--init-from", default="smollm2-135m-lm", help="adapter to start from (default: the language-model adapter these results were measured from, shipped as smollm2-135m up to 0.2)")
+    add_adapter_argument(parser, "--init-from", "adapter to start from")
     parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON")
     parser.add_argument("--write", choices=["oracle", "oracle-all", "real", "white"], default="real", help="what P holds")
     parser.add_argument("--sink", action="store_true", help="a sink token (id 0) before P")

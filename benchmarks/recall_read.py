@@ -42,14 +42,14 @@ import time
 
 import torch
 
-from _common import add_json_argument, check_json, make_parser, positive_int, write_json
+from _common import add_adapter_argument, add_json_argument, check_json, make_parser, positive_int, write_json
 from hmt.arguments import check_output_dir, positive_float, run
 from hmt.passkey import FILLER, QUESTION, evaluation_keys, needle
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--init-from", default="smollm2-135m-lm", help="adapter to start from (default: the language-model adapter these results were measured from, shipped as smollm2-135m up to 0.2)")
+    add_adapter_argument(parser, "--init-from", "adapter to start from")
     parser.add_argument("--hmt", default="{}", help="HMT config overrides as JSON, e.g. '{\"sink_token_id\": 0}'")
     parser.add_argument("--steps", type=positive_int, default=100_000,
                         help="optimizer steps (the time limit usually ends it)")

@@ -129,6 +129,7 @@ def test_the_recall_adapter_of_0_2_loads_the_default_adapter():
     assert checkpoint.resolve("smollm2-135m-recall") == checkpoint.resolve("smollm2-135m") == checkpoint.SHIPPED_DIR / "smollm2-135m"
     assert "smollm2-135m-recall" not in checkpoint.shipped_adapters()
     assert {"smollm2-135m", "smollm2-135m-lm", "smollm2-135m-baseline"} <= set(checkpoint.shipped_adapters())
+
     def config(name):
         return json.loads((checkpoint.resolve(name) / checkpoint.CONFIG_NAME).read_text())
 

@@ -215,8 +215,9 @@ def run(
         results["full"] = {}
     digits = 5
 
-    def answers(generated: torch.Tensor, start: int) -> list[str]:
-        return [_answer(tokenizer, row[start:]) for row in generated]
+    def plain(prompt: torch.Tensor, new: int) -> torch.Tensor:  # rows of one length: nothing is padded
+        return backbone.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
     for distance in tqdm(distances, desc="passkey", disable=not progress):
         hits = {name: 0 for name in results}
@@ -235,22 +236,14 @@ def run(
             B, T = ids.shape
             # room for the whole key however it tokenizes (SmolLM2: one token per digit)
             new = max(len(tokenizer(" " + key, add_special_tokens=False).input_ids) for key in keys) + 2
-
-            def score(name: str, generated: torch.Tensor, start: int) -> None:
-                hits[name] += sum(key in text for key, text in zip(keys, answers(generated, start)))
-                counts[name] += B
-
-            for name, reader in models.items():
-                out = reader.generate(ids, memory_state=reader.new_memory(B), max_new_tokens=new)
-                score(name, out.sequences, T)
-            def plain(prompt: torch.Tensor) -> torch.Tensor:  # rows of one length: nothing is padded
-                return backbone.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
-
-            window = ids[:, -L:]
-            score("window", plain(window), window.shape[1])
+            generated = {name: (reader.generate(ids, memory_state=reader.new_memory(B), max_new_tokens=new).sequences, T)
+                         for name, reader in models.items()}
+            generated["window"] = (plain(ids[:, -L:], new), min(L, T))
             if full_attention_limit and T <= full_attention_limit:
-                score("full", plain(ids), T)
+                generated["full"] = (plain(ids, new), T)
+            for name, (sequences, start) in generated.items():
+                hits[name] += sum(key in _answer(tokenizer, row[start:]) for key, row in zip(keys, sequences))
+                counts[name] += B
         for name in results:
             if counts[name]:
                 results[name][distance] = hits[name] / counts[name]
