@@ -539,3 +539,58 @@ def test_distillation_keeps_the_model_close_to_its_teacher(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in _weights(start).items())
     with pytest.raises(ValueError, match="distill_from"):
         tiny_config(tmp_path / "bad", distill_weight=1.0)
+
+
+def test_bf16_training_with_frozen_weights_cast_once_equals_autocast_casting_every_call(tmp_path, monkeypatch):
+    """precision bf16 keeps one bf16 copy of each frozen linear weight for the run instead of autocast
+    casting it on every call: the same losses and the same trained weights, bit for bit."""
+    import contextlib
+
+    from hmt.training import loop
+
+    counts, real = [], loop.frozen_weights_cast
+
+    @contextlib.contextmanager
+    def spy(modules, dtype):
+        with real(modules, dtype) as count:
+            counts.append(count)
+            yield count
+
+    monkeypatch.setattr(loop, "frozen_weights_cast", spy)
+    cast = _run(tiny_config(tmp_path / "cast", steps=4, precision="bf16"))
+    assert counts and counts[0] > 0  # the LoRA run's frozen base linears (and the LM head) were cast
+
+    @contextlib.contextmanager
+    def no_cast(modules, dtype):
+        yield 0
+
+    monkeypatch.setattr(loop, "frozen_weights_cast", no_cast)
+    plain = _run(tiny_config(tmp_path / "plain", steps=4, precision="bf16"))
+    assert [r["loss"] for r in cast.history] == [r["loss"] for r in plain.history]
+    for name, value in _weights(plain).items():
+        assert torch.equal(value, _weights(cast)[name]), name
+
+
+def test_frozen_weights_cast_reads_the_copy_under_autocast_only_and_leaves_the_parameters_alone():
+    from torch import nn
+
+    from hmt.training.lowp import frozen_weights_cast
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[1].weight.requires_grad_(False)  # frozen: cast once
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+    with frozen_weights_cast([model], torch.bfloat16) as count:
+        assert count == 1 and hasattr(model[1], "_hmt_low_weight") and not hasattr(model[0], "_hmt_low_weight")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+        outside = model(x)  # no autocast: the fp32 weight, as always
+        assert outside.dtype == torch.float32
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert not hasattr(model[1], "_hmt_low_weight") and "forward" not in vars(model[1])
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    with frozen_weights_cast([model], torch.float32) as count:  # fp32 training: nothing to cast
+        assert count == 0

@@ -3,6 +3,7 @@ evaluation and checkpoints; each process draws its share of the same global batc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -22,6 +23,7 @@ from .build import build_data, build_model, build_teacher, evidence_report, trai
 from .config import TrainConfig
 from .distributed import accelerator_for, full_state_dict, full_tensor, is_fsdp, pad_to_longest_across
 from .evaluation import evaluate_documents
+from .lowp import frozen_weights_cast
 from .optim import lr_lambda, make_optimizer, optimizer_step
 from .objective import training_loss
 from .state import STATE_NAME, load_training_state, remove_training_state, save_training_state, start_metrics
@@ -126,6 +128,11 @@ def train(
     pending = []  # steps whose figures are still on the device: read back together at the next log
     cuda = accelerator.device.type == "cuda"
     previous_term = _stop_on_sigterm()
+    # bf16/fp16: the frozen weights cast once for the run, not by autocast on every call (the same numbers)
+    low = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    casts = contextlib.ExitStack()
+    if low is not None:
+        casts.enter_context(frozen_weights_cast([m for m in (model, teacher) if m is not None], low))
     try:
         while step < config.steps:
             if stop_after is not None and step - start_step >= stop_after:
@@ -194,6 +201,7 @@ def train(
         interrupted = True
         accelerator.print(f"\n[hmt] interrupted at step {step}: saving a checkpoint to resume from")
     finally:
+        casts.close()
         _read_back(pending, history, tokens_seen, started)
         bar.close()
         if previous_term is not None:
