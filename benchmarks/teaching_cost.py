@@ -15,8 +15,9 @@ in the same order:
 * ``*_bf16``: the same in bf16 autocast (``precision: bf16``; CPUs with AMX/AVX-512 BF16 run it
   on their bf16 units).
 
-``--baseline-source DIR`` also times ``hmt_full`` with the code of another checkout (its trainer,
-its recipe file), on the same examples, and makes it the reference of the speed-ups: issue 17's
+``--baseline-source DIR`` also times ``hmt_full`` (or ``--baseline-variant hmt_full_ckpt``) with
+the code of another checkout (its trainer, its recipe file), on the same examples, and makes it
+the reference of the speed-ups: issue 17's
 "today's" is the code at the commit the issue was filed at (7424c19)::
 
     git worktree add ../hmt-7424c19 7424c19
@@ -24,8 +25,9 @@ its recipe file), on the same examples, and makes it the reference of the speed-
 
 Figures per variant: examples/hour and processed tokens/s (every token read, the trainer's
 ``tokens_per_s``), measured after ``--warmup`` steps, the ratio to ``plain`` of the same
-precision, and the speed-up over the reference (``hmt_full`` at the smallest batch, or the
-baseline checkout's). The LM head runs on labelled positions only in every variant (``forward``
+precision, the speed-up over the reference (``hmt_full`` at the smallest batch, or the
+baseline checkout's), and the mean training loss over the run's steps (every variant trains on
+the same examples in the same order: the same learning per example shows as the same losses). The LM head runs on labelled positions only in every variant (``forward``
 does that whenever logits are not returned).
 
     python benchmarks/teaching_cost.py --json benchmarks/results/teaching_cost_cpu.json
@@ -39,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -70,6 +73,11 @@ def main(argv=None) -> None:
                         help="also time hmt_full at the smallest batch with the hmt code of another checkout DIR (e.g. the "
                              "commit issue 17 was filed at, 7424c19, checked out with git worktree), on the same examples; "
                              "the speed-ups are then against it")
+    parser.add_argument("--baseline-variant", default="hmt_full", choices=("hmt_full", "hmt_full_ckpt"),
+                        help="what --baseline-source runs: full BPTT, with or without the recipe's gradient checkpointing")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="run every variant this many times, in interleaved rounds, and report the median "
+                             "(a shared machine's pace drifts by 10-20%% between runs)")
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
         parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
@@ -77,12 +85,14 @@ def main(argv=None) -> None:
         parser.error(f"--baseline-source {args.baseline_source}: no src/hmt/__init__.py there (a checkout of this repository)")
     check_output_file(parser, args.json, "--json", args.overwrite)
     runs = [(ROOT, b, n) for b in args.batch_sizes for n in args.variants]
-    if args.baseline_source:
-        runs.insert(0, (args.baseline_source, min(args.batch_sizes), "hmt_full"))
-    rows = {}
-    for source, batch_size, name in runs:  # each in a fresh process: accelerate fixes the precision once per process
+    if args.baseline_source:  # after the first run, which draws the examples with this checkout's code
+        runs.insert(1, (args.baseline_source, min(args.batch_sizes), args.baseline_variant))
+    rounds, scratch = {}, tempfile.TemporaryDirectory()
+    for round_, (source, batch_size, name) in [(r, run) for r in range(args.repeats) for run in runs]:
+        # each in a fresh process: accelerate fixes the precision once per process
         command = [sys.executable, WORKER, name, "--source", source, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--distances", *map(str, args.distances), "--batch-size", str(batch_size)]
+                   str(args.warmup), "--distances", *map(str, args.distances), "--batch-size", str(batch_size),
+                   "--examples", os.path.join(scratch.name, f"examples_b{batch_size}.jsonl")]
         command += (["--threads", str(args.threads)] if args.threads else []) + (["--tiny"] if args.tiny else [])
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -90,23 +100,35 @@ def main(argv=None) -> None:
             raise SystemExit(f"variant {name} ({source}) failed:\n{done.stderr[-3000:]}")
         commit = _commit(source)
         key = f"{name}_b{batch_size}" + ("" if source == ROOT else f"@{commit}")
-        rows[key] = dict(json.loads(lines[-1][len("RESULT "):]), variant=name, batch_size=batch_size, commit=commit)
-        print(f"  {key}: {rows[key]['examples_per_hour']:.0f} examples/hour, "
-              f"{rows[key]['tokens_per_s']:.0f} tokens/s", flush=True)
+        result = json.loads(lines[-1][len("RESULT "):])
+        print(f"  {key} (round {round_ + 1}): {result['examples_per_hour']:.0f} examples/hour, "
+              f"{result['tokens_per_s']:.0f} tokens/s", flush=True)
+        rounds.setdefault(key, []).append(dict(result, variant=name, batch_size=batch_size, commit=commit))
+    scratch.cleanup()
+    rows = {key: median_round(results) for key, results in rounds.items()}
     # The reference: the recipe as it was (full BPTT, fp32, the smallest batch), on --baseline-source's code if given.
-    reference = next(iter(rows)) if args.baseline_source else f"hmt_full_b{min(args.batch_sizes)}"
+    reference = next((k for k in rows if "@" in k), f"hmt_full_b{min(args.batch_sizes)}")
     for key, row in rows.items():
         plain = ("plain_bf16" if row["variant"].endswith("_bf16") else "plain") + f"_b{row['batch_size']}"
         if plain in rows and "@" not in key:
             row["time_vs_plain"] = rows[plain]["examples_per_hour"] / row["examples_per_hour"]
         if reference in rows:
             row["speedup_vs_reference"] = row["examples_per_hour"] / rows[reference]["examples_per_hour"]
-    print(table(["variant", "examples/hour", "tokens/s", "time / plain", f"x {reference}"],
-                [[n, r["examples_per_hour"], r["tokens_per_s"], r.get("time_vs_plain"), r.get("speedup_vs_reference")]
-                 for n, r in rows.items()]))
+    for row in rows.values():  # the same learning per example: the loss over the same examples, step by step
+        row["mean_loss"] = sum(row["losses"]) / len(row["losses"])
+    print(table(["variant", "examples/hour", "tokens/s", "time / plain", f"x {reference}", "mean loss"],
+                [[n, r["examples_per_hour"], r["tokens_per_s"], r.get("time_vs_plain"), r.get("speedup_vs_reference"),
+                  r["mean_loss"]] for n, r in rows.items()]))
     write_json(args.json, {"command": "python benchmarks/teaching_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "recipe_stage": "near", "settings": vars(args), "reference": reference, "variants": rows,
                            "environment": environment(torch.device("cpu"))})
+
+
+def median_round(results: list) -> dict:
+    """The round with the median examples/hour (the upper middle of an even count), with every
+    round's figure under ``rounds`` in the order they ran."""
+    ordered = sorted(results, key=lambda r: r["examples_per_hour"])
+    return dict(ordered[len(ordered) // 2], rounds=[r["examples_per_hour"] for r in results])
 
 
 def _commit(source: str) -> str:

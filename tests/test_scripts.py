@@ -116,6 +116,13 @@ def test_teaching_cost_times_each_variant_and_a_baseline_checkout_on_the_same_ex
     assert all(len(row["losses"]) == 3 for row in rows.values())
 
 
+def test_teaching_cost_reports_the_median_round():
+    median_round = script("benchmarks/teaching_cost.py").median_round
+    rounds = [{"examples_per_hour": v, "tokens_per_s": v / 10} for v in (900.0, 700.0, 1200.0)]
+    assert median_round(rounds) == {"examples_per_hour": 900.0, "tokens_per_s": 90.0, "rounds": [900.0, 700.0, 1200.0]}
+    assert median_round(rounds[:2])["examples_per_hour"] == 900.0
+
+
 class _CharTokenizer:
     def __call__(self, text, add_special_tokens=False):
         class Encoded:
