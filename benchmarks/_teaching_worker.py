@@ -26,6 +26,7 @@ parser.add_argument("--batch-size", type=int, required=True)
 parser.add_argument("--distances", type=int, nargs=2, required=True)
 parser.add_argument("--threads", type=int, default=None)
 parser.add_argument("--tiny", action="store_true")
+parser.add_argument("--examples", required=True, help="JSONL: read the examples from it, or write them there if it is new")
 args = parser.parse_args()
 sys.path.insert(0, os.path.join(os.path.abspath(args.source), "src"))
 
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 
 import hmt  # noqa: E402
 from hmt import passkey  # noqa: E402
-from hmt.data import QADataset  # noqa: E402
+from hmt.data import QADataset, QAExample  # noqa: E402
 from hmt.train import load_recipe, train  # noqa: E402
 
 RECIPE = os.path.join("recipes", "smollm2-passkey-curriculum.yaml")
@@ -81,12 +82,28 @@ def worker() -> dict:
                                                                   sensory_memory_size=8, memory_compression=False))
     else:
         backbone, tokenizer = hmt.load_backbone(base.backbone)
-    examples = passkey.task_examples(tokenizer, args.steps * args.batch_size, *args.distances, seed=987654)
+    examples = _examples(tokenizer, args.steps * args.batch_size)
     data = QADataset(examples, tokenizer, progress=False, **base.qa_options)
     with tempfile.TemporaryDirectory() as out_dir:
         config = variant_config(base, args.variant, args.steps, out_dir, args.batch_size)
         row = run_variant(config, backbone, tokenizer, data, args.warmup)
     return dict(row, threads=torch.get_num_threads(), init_from=base.init_from)
+
+
+FIELDS = ("context", "prompt", "answer", "name", "evidence")  # what QAExample has had since 7424c19
+
+
+def _examples(tokenizer, count: int) -> list:
+    """The run's passkey examples: drawn by the first worker (with its checkout's ``task_examples``)
+    and read back by every later one, so that another checkout's trainer reads the same texts."""
+    if os.path.exists(args.examples):
+        with open(args.examples) as f:
+            return [QAExample(**json.loads(line)) for line in f]
+    examples = passkey.task_examples(tokenizer, count, *args.distances, seed=987654)
+    with open(args.examples, "w") as f:
+        for example in examples:
+            f.write(json.dumps({k: getattr(example, k) for k in FIELDS}) + "\n")
+    return examples
 
 
 def _byte_tokenizer():
