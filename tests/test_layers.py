@@ -34,7 +34,7 @@ FLOORS = [
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 # Inside a package, its modules bottom to top (one a floor).
-PACKAGE_FLOORS = {"training": ["config", "build", "optim", "objective", "evaluation", "distributed", "state", "loop",
+PACKAGE_FLOORS = {"training": ["config", "build", "optim", "objective", "evaluation", "distributed", "lowp", "state", "loop",
                                "recipe"]}
 
 

@@ -541,13 +541,18 @@ def test_distillation_keeps_the_model_close_to_its_teacher(tmp_path):
         tiny_config(tmp_path / "bad", distill_weight=1.0)
 
 
-def test_bf16_training_with_frozen_weights_cast_once_equals_autocast_casting_every_call(tmp_path, monkeypatch):
+def test_bf16_training_with_frozen_weights_cast_once_equals_autocast_casting_every_call(tmp_path, monkeypatch, request):
     """precision bf16 keeps one bf16 copy of each frozen linear weight for the run instead of autocast
     casting it on every call: the same losses and the same trained weights, bit for bit."""
     import contextlib
 
+    from accelerate.state import AcceleratorState
+
     from hmt.training import loop
 
+    # accelerate fixes the precision once per process: start from a fresh state, leave one behind
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     counts, real = [], loop.frozen_weights_cast
 
     @contextlib.contextmanager
