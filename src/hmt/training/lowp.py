@@ -2,7 +2,9 @@
 weight to the low precision anew. For the backbone's frozen weights (LoRA training) that cast is
 the same every call, and on a CPU it costs more than the matmul it feeds (a third of a bf16
 training step on SmolLM2-135M, ``benchmarks/teaching_cost.py``). This keeps one low-precision
-copy of each frozen weight for the run: the same numbers autocast computes, without the casts."""
+copy of each frozen weight for the run: the same numbers autocast computes, without the casts.
+The trainer uses it on the CPU only: on a GPU the cast is cheap and the copy costs 2 bytes per
+frozen weight of device memory."""
 
 from __future__ import annotations
 
