@@ -3,7 +3,7 @@ process). Run by ``teaching_cost.py``, not by hand.
 
 It imports only what ``hmt`` has had since issue 17 was filed (``load_backbone``,
 ``passkey.task_examples``, ``QADataset``, ``hmt.train``'s ``load_recipe`` and ``train``), so that
-``teaching_cost.py --source DIR`` can time another checkout's trainer on the same examples: its
+``teaching_cost.py --baseline-source DIR`` can time another checkout's trainer on the same examples: its
 ``src/`` goes first on the path and its own recipe file is read.
 """
 

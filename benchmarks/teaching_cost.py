@@ -27,8 +27,9 @@ Figures per variant: examples/hour and processed tokens/s (every token read, the
 ``tokens_per_s``), measured after ``--warmup`` steps, the ratio to ``plain`` of the same
 precision, the speed-up over the reference (``hmt_full`` at the smallest batch, or the
 baseline checkout's), and the mean training loss over the run's steps (every variant trains on
-the same examples in the same order: the same learning per example shows as the same losses). The LM head runs on labelled positions only in every variant (``forward``
-does that whenever logits are not returned).
+the same examples in the same order: the same learning per example shows as the same losses).
+The LM head runs on labelled positions only in every variant (``forward`` does that whenever
+logits are not returned).
 
     python benchmarks/teaching_cost.py --json benchmarks/results/teaching_cost_cpu.json
     python benchmarks/teaching_cost.py --tiny --steps 4     # a smoke run on a tiny random model
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--baseline-source", default=None, metavar="DIR",
-                        help="also time hmt_full at the smallest batch with the hmt code of another checkout DIR (e.g. the "
+                        help="also time --baseline-variant at the smallest batch with the hmt code of another checkout DIR (e.g. the "
                              "commit issue 17 was filed at, 7424c19, checked out with git worktree), on the same examples; "
                              "the speed-ups are then against it")
     parser.add_argument("--baseline-variant", default="hmt_full", choices=("hmt_full", "hmt_full_ckpt"),
@@ -87,6 +88,7 @@ def main(argv=None) -> None:
     runs = [(ROOT, b, n) for b in args.batch_sizes for n in args.variants]
     if args.baseline_source:  # after the first run, which draws the examples with this checkout's code
         runs.insert(1, (args.baseline_source, min(args.batch_sizes), args.baseline_variant))
+    commits = {source: _commit(source) for source, _, _ in runs}
     rounds, scratch = {}, tempfile.TemporaryDirectory()
     for round_, (source, batch_size, name) in [(r, run) for r in range(args.repeats) for run in runs]:
         # each in a fresh process: accelerate fixes the precision once per process
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"variant {name} ({source}) failed:\n{done.stderr[-3000:]}")
-        commit = _commit(source)
+        commit = commits[source]
         key = f"{name}_b{batch_size}" + ("" if source == ROOT else f"@{commit}")
         result = json.loads(lines[-1][len("RESULT "):])
         print(f"  {key} (round {round_ + 1}): {result['examples_per_hour']:.0f} examples/hour, "
