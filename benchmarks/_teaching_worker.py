@@ -22,11 +22,13 @@ parser.add_argument("variant")
 parser.add_argument("--source", required=True, help="the checkout whose src/ and recipe are measured")
 parser.add_argument("--steps", type=int, required=True)
 parser.add_argument("--warmup", type=int, required=True)
-parser.add_argument("--batch-size", type=int, required=True)
+parser.add_argument("--batch-size", type=int, required=True, help="examples per micro-batch of each process")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step of each process")
 parser.add_argument("--distances", type=int, nargs=2, required=True)
 parser.add_argument("--threads", type=int, default=None)
 parser.add_argument("--tiny", action="store_true")
 parser.add_argument("--examples", required=True, help="JSONL: read the examples from it, or write them there if it is new")
+parser.add_argument("--draw", type=int, default=None, metavar="N", help="only draw N examples into --examples and stop")
 args = parser.parse_args()
 sys.path.insert(0, os.path.join(os.path.abspath(args.source), "src"))
 
@@ -40,9 +42,10 @@ from hmt.train import load_recipe, train  # noqa: E402
 RECIPE = os.path.join("recipes", "smollm2-passkey-curriculum.yaml")
 
 
-def variant_config(base, name: str, steps: int, out_dir: str, batch_size: int):
+def variant_config(base, name: str, steps: int, out_dir: str, batch_size: int, grad_accum: int):
     """The near stage as ``name`` runs it: no LM windows, no evaluation, no checkpoints."""
-    changes = dict(steps=steps, batch_size=batch_size, output_dir=os.path.join(out_dir, name), log_every=1, eval_every=10**6,
+    changes = dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum, output_dir=os.path.join(out_dir, name),
+                   log_every=1, eval_every=10**6,
                    save_every=10**6, progress=False, mix_fraction=0.0, mix_data=None,
                    gradient_checkpointing=name.endswith("_ckpt"), precision="bf16" if "_bf16" in name else "fp32")
     if name.startswith("plain"):
@@ -50,6 +53,15 @@ def variant_config(base, name: str, steps: int, out_dir: str, batch_size: int):
     if "sparse" in name:
         changes["sparse_bptt"] = True  # only on a trainer that has it: the others run without the field
     return dataclasses.replace(base, **changes)
+
+
+def world_size() -> int:
+    """How many processes run this variant (``accelerate launch`` sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def global_batch(config) -> int:
+    return config.batch_size * config.grad_accum * world_size()
 
 
 def run_variant(config, backbone, tokenizer, data, warmup: int) -> dict:
@@ -60,7 +72,7 @@ def run_variant(config, backbone, tokenizer, data, warmup: int) -> dict:
     timed = [r for r in result.history if "elapsed_s" in r]
     first, last = timed[warmup - 1], timed[-1]
     seconds = last["elapsed_s"] - first["elapsed_s"]
-    examples = (last["step"] - first["step"]) * config.batch_size
+    examples = (last["step"] - first["step"]) * global_batch(config)
     tokens = sum(int(data[i]["input_ids"].shape[0]) for i in range(len(data)))  # read once per example
     mean_tokens = tokens / len(data)
     return {"examples_per_hour": examples / seconds * 3600, "seconds_per_example": seconds / examples,
@@ -82,12 +94,16 @@ def worker() -> dict:
                                                                   sensory_memory_size=8, memory_compression=False))
     else:
         backbone, tokenizer = hmt.load_backbone(base.backbone)
-    examples = _examples(tokenizer, args.steps * args.batch_size)
-    data = QADataset(examples, tokenizer, progress=False, **base.qa_options)
+    if args.draw:
+        _examples(tokenizer, args.draw)
+        return {}
     with tempfile.TemporaryDirectory() as out_dir:
-        config = variant_config(base, args.variant, args.steps, out_dir, args.batch_size)
+        config = variant_config(base, args.variant, args.steps, out_dir, args.batch_size, args.grad_accum)
+        examples = _examples(tokenizer, args.steps * global_batch(config))
+        data = QADataset(examples, tokenizer, progress=False, **base.qa_options)
         row = run_variant(config, backbone, tokenizer, data, args.warmup)
-    return dict(row, threads=torch.get_num_threads(), init_from=base.init_from)
+    return dict(row, threads=torch.get_num_threads(), processes=world_size(), global_batch=global_batch(config),
+                init_from=base.init_from)
 
 
 FIELDS = ("context", "prompt", "answer", "name", "evidence")  # what QAExample has had since 7424c19
@@ -118,4 +134,6 @@ def _byte_tokenizer():
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(worker()), flush=True)
+    result = worker()
+    if int(os.environ.get("RANK", "0")) == 0:  # one line: two processes printing at once can interleave
+        print("RESULT " + json.dumps(result), flush=True)

@@ -61,6 +61,7 @@ def refused(capsys, relative: str, argv: list[str], match: str) -> str:
     ("benchmarks/teaching_cost.py", ["--steps", "0"], "argument --steps: must be at least 1"),
     ("benchmarks/teaching_cost.py", ["--steps", "2", "--warmup", "2"], "--warmup (2) must be below --steps (2)"),
     ("benchmarks/teaching_cost.py", ["--baseline-source", "nowhere"], "no src/hmt/__init__.py there"),
+    ("benchmarks/teaching_cost.py", ["--variants", "hmt_sparse_ddp"], "--grad-accum (1) must be a multiple of --processes (2)"),
     ("benchmarks/recall_seeds.py", ["--levers", "bogus"], "argument --levers: invalid choice"),
     ("benchmarks/sparse_bptt_recall.py", ["--max-distance", "0"], "argument --max-distance: must be at least 1"),
     ("benchmarks/recall_read.py", ["--hmt", "{sink: 0}"], "--hmt must be a JSON object"),
@@ -100,20 +101,26 @@ def test_write_task_never_overwrites_a_file_unasked(capsys, tmp_path):
 
 def test_teaching_cost_times_each_variant_and_a_baseline_checkout_on_the_same_examples(tmp_path):
     """A tiny run: each variant in its own process, the --baseline-source checkout (here this one)
-    timed as the reference; every row reads the same examples and reports its ratios."""
+    timed as the reference; every row reads the same examples and reports its ratios. A _ddp variant
+    runs in 2 processes under accelerate launch, on the same global batch: the same losses."""
     import json
 
+    pytest.importorskip("accelerate")
     out = tmp_path / "cost.json"
-    script("benchmarks/teaching_cost.py").main(["--tiny", "--steps", "3", "--warmup", "1", "--batch-sizes", "1", "--variants",
-                                                "plain", "hmt_sparse", "--baseline-source", str(ROOT), "--json", str(out)])
+    script("benchmarks/teaching_cost.py").main(["--tiny", "--steps", "3", "--warmup", "1", "--batch-sizes", "1", "--grad-accum", "2",
+                                                "--variants", "plain", "hmt_sparse", "hmt_sparse_ddp", "--baseline-source",
+                                                str(ROOT), "--json", str(out)])
     result = json.loads(out.read_text())
     rows = result["variants"]
     reference = result["reference"]
-    assert reference.startswith("hmt_full_b1@") and set(rows) == {reference, "plain_b1", "hmt_sparse_b1"}
+    assert reference.startswith("hmt_full_b1@") and set(rows) == {reference, "plain_b1", "hmt_sparse_b1", "hmt_sparse_ddp_b1"}
     assert len({row["mean_tokens_per_example"] for row in rows.values()}) == 1  # the same examples for each
     assert rows[reference]["speedup_vs_reference"] == 1.0
     assert rows["hmt_sparse_b1"]["time_vs_plain"] > 0 and rows["plain_b1"]["examples_per_hour"] > 0
-    assert all(len(row["losses"]) == 3 for row in rows.values())
+    assert all(len(row["losses"]) == 3 and row["global_batch"] == 2 for row in rows.values())
+    one, two = rows["hmt_sparse_b1"], rows["hmt_sparse_ddp_b1"]
+    assert (one["processes"], two["processes"]) == (1, 2) and "time_vs_plain" not in two  # no plain_ddp run to divide by
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
 
 
 def test_teaching_cost_reports_the_median_round():

@@ -149,6 +149,22 @@ def test_batch_order_is_deterministic_epochs():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+def test_each_process_takes_an_even_share_of_the_global_batch_tokens():
+    """Several processes split a global batch of unequal examples by tokens (a contiguous split
+    would give one process 3000 tokens and the other 1000 here): the same items in all, as many per
+    process, each share longest first."""
+    from hmt.training.loop import process_share
+
+    order = [0, 1, 2, 3, 4, 5, 6, 7]
+    lengths = [900, 100, 800, 200, 700, 300, 600, 400]
+    shares = [process_share(order, lengths, 2, rank) for rank in range(2)]
+    assert shares == [[0, 6, 7, 1], [2, 4, 5, 3]]
+    assert [sum(lengths[i] for i in share) for share in shares] == [2000, 2000]
+    assert sorted(sum(shares, [])) == order
+    three = [process_share([7, 3, 5], [10, 30, 20], 3, rank) for rank in range(3)]
+    assert three == [[3], [5], [7]]
+
+
 
 @pytest.mark.parametrize("decay", ["step", "cosine", "constant"])
 def test_the_schedule_is_the_one_it_always_was(decay, tmp_path):

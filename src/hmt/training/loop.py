@@ -141,10 +141,15 @@ def train(
                 interrupted = True
                 break
             order = batch_order(len(train_data), step, global_batch, config.seed)
+            if world > 1:  # each process reads the whole global batch once, to take an even share of its tokens
+                read = {i: train_data[i] for i in order}
+                mine = process_share(order, [read[i]["input_ids"].shape[-1] for i in order], world, rank)
+            else:
+                read, mine = None, order
             losses, aux_losses = [], {}
             for micro in range(config.grad_accum):
-                base = micro * config.batch_size * world + rank * config.batch_size
-                items = [train_data[i] for i in order[base : base + config.batch_size]]
+                share = mine[micro * config.batch_size : (micro + 1) * config.batch_size]
+                items = [read[i] for i in share] if read is not None else [train_data[i] for i in share]
                 batch = hdata.pad_collate(items, pad_id)
                 if fsdp and world > 1:  # every process must run the same segments (each layer gathers its shards)
                     batch = pad_to_longest_across(batch, accelerator, pad_id)
@@ -233,6 +238,22 @@ def batch_order(num_items: int, step: int, global_batch: int, seed: int) -> list
         take = min(global_batch - len(out), num_items - offset)
         out.extend(perm[offset : offset + take].tolist())
     return out
+
+
+def process_share(order: list[int], lengths: list[int], world: int, rank: int) -> list[int]:
+    """The items of the global batch ``order`` (``lengths`` tokens each) that process ``rank`` of
+    ``world`` reads, in the order of its micro-batches. Every process gets as many items, and as
+    even a share of the tokens as a greedy split gives (longest first, each to the process with the
+    fewest tokens so far), so that no process waits long for a slower one at the gradient
+    all-reduce; each share runs longest first, so a micro-batch holds items of like lengths. The
+    global batch, and so the step's gradient, is the same however it is split."""
+    per = len(order) // world
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(order)), key=lambda i: -lengths[i]):
+        p = min((p for p in range(world) if len(shares[p]) < per), key=lambda p: loads[p])
+        shares[p].append(order[i])
+        loads[p] += lengths[i]
+    return shares[rank]
 
 
 def _read_back(pending: list, history: list, tokens_seen: torch.Tensor, started: float) -> Optional[dict]:
