@@ -1,5 +1,7 @@
 """One variant of ``teaching_cost.py`` in its own process (accelerate fixes the precision once per
-process). Run by ``teaching_cost.py``, not by hand.
+process), or in several under ``accelerate launch`` (a ``_ddp`` variant; the first process prints
+the figures, which count every process's examples); with ``--draw N``, only the run's examples.
+Run by ``teaching_cost.py``, not by hand.
 
 It imports only what ``hmt`` has had since issue 17 was filed (``load_backbone``,
 ``passkey.task_examples``, ``QADataset``, ``hmt.train``'s ``load_recipe`` and ``train``), so that

@@ -1,7 +1,7 @@
 """What teaching recall costs on the CPU: examples/hour of the passkey curriculum's near stage.
 
 The near stage of ``recipes/smollm2-passkey-curriculum.yaml`` (passkey examples with the key
-256-1024 tokens back, batch 1 and 4 (--batch-sizes), LoRA r=8 on all linear layers from the
+256-1024 tokens back, micro-batches of 1 and 4 (--batch-sizes), LoRA r=8 on all linear layers from the
 recipe's starting adapter, the supervised retrieval loss) run through ``hmt train``'s own loop for
 a few steps per variant, each in its own process (``_teaching_worker.py``), on the same examples
 in the same order:
@@ -13,20 +13,22 @@ in the same order:
 * ``hmt_sparse``: evidence-sparse BPTT (``sparse_bptt: true``): only the evidence's and the
   answer's segments run with autograd;
 * ``*_bf16``: the same in bf16 autocast (``precision: bf16``; CPUs with AMX/AVX-512 BF16 run it
-  on their bf16 units).
+  on their bf16 units);
 * ``*_ddp``: the same in ``--processes`` processes under ``accelerate launch`` (DDP over gloo),
   each with ``--threads / --processes`` threads (1 on 2 cores), each reading its own examples of
   the same global batch: ``--grad-accum`` must be a multiple of ``--processes``, so that every
   variant takes the same optimizer steps over the same examples (2 processes equal 1 with the same
   global batch: ``tests/test_train.py``).
 
-``--baseline-source DIR`` also times ``hmt_full`` (or ``--baseline-variant hmt_full_ckpt``) with
-the code of another checkout (its trainer, its recipe file), on the same examples, and makes it
-the reference of the speed-ups: issue 17's
-"today's" is the code at the commit the issue was filed at (7424c19)::
+``--baseline-source DIR`` also times ``hmt_full`` (or ``--baseline-variant hmt_full_ckpt`` or
+``hmt_full_ddp``) with the code of another checkout (its trainer, its recipe file), on the same
+examples, and makes it the reference of the speed-ups: issue 17's "today's" is the code at the
+commit the issue was filed at (7424c19). Issue 17's figure, with the global batch of
+``recipes/smollm2-passkey-cpu.yaml``::
 
     git worktree add ../hmt-7424c19 7424c19
-    python benchmarks/teaching_cost.py --baseline-source ../hmt-7424c19 --threads 2
+    python benchmarks/teaching_cost.py --threads 2 --steps 8 --warmup 1 --batch-sizes 1 --grad-accum 4 --repeats 3 \
+        --baseline-source ../hmt-7424c19 --variants hmt_sparse_bf16 hmt_sparse_bf16_ddp plain_bf16_ddp
 
 Figures per variant: examples/hour and processed tokens/s (every token read, the trainer's
 ``tokens_per_s``), measured after ``--warmup`` steps, the ratio to ``plain`` of the same

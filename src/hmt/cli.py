@@ -20,6 +20,7 @@ from .constants import DEFAULT_ADAPTER
 from .memory import MemoryState
 from .model import HMT
 from .train import fields_help, run_recipe
+from .training.recipe import say
 from .utils import chmod_as_created, quiet_libraries, spread
 
 
@@ -104,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
         summary = f"steps={result.steps}"
         if result.eval:
             summary += f" val_ppl={result.eval['ppl']:.3f} ({result.eval['tokens']} tokens)"
-        print(f"[hmt] {'interrupted' if result.interrupted else 'done'}: {summary} -> {result.final_dir or 'checkpoint saved'}")
+        say(f"[hmt] {'interrupted' if result.interrupted else 'done'}: {summary} -> {result.final_dir or 'checkpoint saved'}")
         if result.interrupted:
             return 130
     return 0

@@ -98,6 +98,12 @@ def _set_dotted(values: dict, key: str, value: Any, item: str) -> None:
     values[last] = value
 
 
+def say(message: str) -> None:
+    """Print once under ``accelerate launch`` (by the first process), as in a single process."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
 def run_recipe(path: str, stages: Optional[Sequence[str]] = None, overrides: Sequence[str] = (), resume: bool = True) -> list[TrainResult]:
     """Run a recipe's stages in order (or only ``stages``)."""
     results = []
@@ -110,9 +116,9 @@ def run_recipe(path: str, stages: Optional[Sequence[str]] = None, overrides: Seq
         if stages and name not in stages:
             continue
         if (Path(config.output_dir) / "final" / "hmt_config.json").is_file() and not stages:
-            print(f"[hmt] stage {name}: {config.output_dir}/final exists, skipping (pass --stage {name} to rerun)")
+            say(f"[hmt] stage {name}: {config.output_dir}/final exists, skipping (pass --stage {name} to rerun)")
             continue
-        print(f"[hmt] stage {name} -> {config.output_dir}")
+        say(f"[hmt] stage {name} -> {config.output_dir}")
         result = train(config, resume=resume)
         results.append(result)
         if result.interrupted:
