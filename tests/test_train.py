@@ -219,6 +219,26 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_two_processes_train_rows_that_leave_parameters_unused_on_one_of_them(tmp_path):
+    """A process whose row has one segment never searches the cache, so the search's parameters get
+    no gradient there while the other process's longer row uses them: every process still joins each
+    all-reduce (once a collective mismatch that killed the run), and the losses equal one process."""
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
+    common = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    worker = ["-m", "tests.helpers.ddp_worker"]
+    # one process: 2 micro-batches of 1 row (each row weighs the same, as in one row per process)
+    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), "1", "2", "uneven"], **common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", *worker, str(tmp_path / "two"), "1", "1", "uneven"],
+        **common,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4, abs=1e-5)
+
+
 def _losses(out):
     lines = [line for line in out.stdout.splitlines() if line.startswith("LOSSES ")]
     assert len(lines) == 1, out.stdout[-2000:]

@@ -28,7 +28,12 @@ def accelerator_for(config: TrainConfig, notes: list[str]):
     # Several processes without a GPU (torchrun / accelerate launch --multi_gpu on a CPU
     # machine): accelerate uses gloo only when told the run is on the CPU.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=cpu_ddp)
+    # A process whose rows never reach some parameters in a step (a one-segment row never searches
+    # the cache) must still join every gradient all-reduce: DDP finds the parameters left unused.
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=cpu_ddp,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if cpu_ddp and fsdp_requested():
         compat.accelerate_fsdp_on_cpu(accelerator)
     return accelerator
