@@ -195,23 +195,8 @@ def _pythonpath() -> str:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    accelerate = pytest.importorskip("accelerate")  # noqa: F841
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
-    common = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    one = subprocess.run([sys.executable, "-m", "tests.helpers.ddp_worker", str(tmp_path / "one"), "2"], **common)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tests.helpers.ddp_worker", str(tmp_path / "two"), "1"],
-        **common,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    def losses(out):
-        lines = [line for line in out.stdout.splitlines() if line.startswith("LOSSES ")]
-        assert len(lines) == 1, out.stdout[-2000:]
-        return json.loads(lines[0][len("LOSSES ") :])
-
-    one_losses, two_losses = losses(one), losses(two)
+    pytest.importorskip("accelerate")
+    one_losses, two_losses = _one_and_two_processes(tmp_path, ["2"], ["1"])
     assert one_losses == pytest.approx(two_losses, rel=1e-4, abs=1e-5)
     w1 = load_file(str(tmp_path / "one" / "final" / "hmt_weights.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "final" / "hmt_weights.safetensors"))
@@ -224,19 +209,26 @@ def test_two_processes_train_rows_that_leave_parameters_unused_on_one_of_them(tm
     no gradient there while the other process's longer row uses them: every process still joins each
     all-reduce (once a collective mismatch that killed the run), and the losses equal one process."""
     pytest.importorskip("accelerate")
+    # one process: 2 micro-batches of 1 row (each row weighs the same, as in one row per process)
+    one_losses, two_losses = _one_and_two_processes(tmp_path, ["1", "2", "uneven"], ["1", "1", "uneven"])
+    assert two_losses == pytest.approx(one_losses, rel=1e-4, abs=1e-5)
+
+
+def _one_and_two_processes(tmp_path, one_args: list, two_args: list):
+    """``tests.helpers.ddp_worker`` in one process (into tmp_path/one) and in two under accelerate
+    launch (tmp_path/two): the losses each printed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
     common = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     worker = ["-m", "tests.helpers.ddp_worker"]
-    # one process: 2 micro-batches of 1 row (each row weighs the same, as in one row per process)
-    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), "1", "2", "uneven"], **common)
+    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one"), *one_args], **common)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", *worker, str(tmp_path / "two"), "1", "1", "uneven"],
+         "--mixed_precision", "no", "--dynamo_backend", "no", *worker, str(tmp_path / "two"), *two_args],
         **common,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4, abs=1e-5)
+    return _losses(one), _losses(two)
 
 
 def _losses(out):

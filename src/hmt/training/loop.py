@@ -245,8 +245,9 @@ def process_share(order: list[int], lengths: list[int], world: int, rank: int) -
     ``world`` reads, in the order of its micro-batches. Every process gets as many items, and as
     even a share of the tokens as a greedy split gives (longest first, each to the process with the
     fewest tokens so far), so that no process waits long for a slower one at the gradient
-    all-reduce; each share runs longest first, so a micro-batch holds items of like lengths. The
-    global batch, and so the step's gradient, is the same however it is split."""
+    all-reduce; each share runs longest first, so a micro-batch holds items of like lengths. Every
+    item of the global batch is read once whichever way it is split (with one item per micro-batch,
+    the step's gradient is the same; larger micro-batches weigh their rows by tokens)."""
     per = len(order) // world
     loads, shares = [0] * world, [[] for _ in range(world)]
     for i in sorted(range(len(order)), key=lambda i: -lengths[i]):
